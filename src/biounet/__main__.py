@@ -1,0 +1,7 @@
+"""``python -m biounet`` runs the command-line interface."""
+
+import sys
+
+from biounet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,425 @@
+"""Overlap-tile segmentation (paper, Fig. 2): images of any size, tile by tile, seam-free.
+
+Each tile's input carries ``halo`` pixels of context on every side (92 px for the paper
+net); context that lies outside the image is mirrored. Tiles start at multiples of
+``2**depth`` pixels so that every tile sees the same max-pooling grid as one forward pass
+over the whole mirror-padded image would: for valid padding the tiled result *equals* that
+whole-image result (to float32 rounding), whatever the tile size.
+
+The mirror is ``numpy.pad(mode="reflect")``'s: the edge pixel is not repeated
+(``... c b | a b c ... | b a ...``), and reflection repeats as often as needed, so images
+smaller than the halo (down to 1x1) are padded too. A 1-pixel axis is repeated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from biounet.io import normalize_percentile
+from biounet.model import UNet, UNetConfig
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["float32", "bfloat16", "float16"]
+
+#: Default largest input tile per axis for 2D models: a 512x512 image is one 700x700 tile.
+DEFAULT_TILE_2D = 700
+#: Default largest input tile per axis for 3D models.
+DEFAULT_TILE_3D = 124
+
+
+# ------------------------------------------------------------------------------------------
+# Mirror padding
+# ------------------------------------------------------------------------------------------
+def mirror_indices(size: int, before: int, after: int) -> np.ndarray:
+    """Source index of every position of an axis of length ``size`` padded by mirroring.
+
+    Position ``i`` in ``[-before, size + after)`` reads pixel ``m(i)`` where ``m`` reflects
+    about the first and last pixel without repeating them (period ``2 * (size - 1)``), the
+    rule of ``numpy.pad(mode="reflect")``. For ``size == 1`` every position reads pixel 0.
+    The value at a position does not depend on ``before``/``after``: padding more never
+    changes pixels already padded, which is what makes tiling and streaming exact.
+    """
+    if size < 1 or before < 0 or after < 0:
+        raise ValueError(f"mirror_indices: need size >= 1 and non-negative pads, got {size}, {before}, {after}")
+    positions = np.arange(-before, size + after)
+    if size == 1:
+        return np.zeros_like(positions)
+    period = 2 * (size - 1)
+    folded = np.mod(positions, period)
+    return np.where(folded < size, folded, period - folded)
+
+
+def mirror_pad(array: np.ndarray, pads: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Mirror-pad the last ``len(pads)`` axes of ``array`` (see :func:`mirror_indices`)."""
+    out = np.asarray(array)
+    first = out.ndim - len(pads)
+    for axis, (before, after) in enumerate(pads, start=first):
+        out = np.take(out, mirror_indices(out.shape[axis], before, after), axis=axis)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Tile layout
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AxisTiling:
+    """How one axis of length ``size`` is cut into ``count`` tiles.
+
+    Tile ``k`` reads input pixels ``[k*step - halo, k*step - halo + tile_in)`` (image
+    coordinates; outside the image mirrored) and yields output pixels
+    ``[k*step, k*step + tile_out)``, of which it keeps ``[cut[k], cut[k+1])``.
+    """
+
+    size: int
+    tile_in: int
+    tile_out: int
+    step: int
+    count: int
+    halo: int
+
+    @property
+    def cuts(self) -> list[int]:
+        overlap = self.tile_out - self.step
+        inner = [min(k * self.step + overlap // 2, self.size) for k in range(1, self.count)]
+        return [0, *inner, self.size]
+
+    @property
+    def computed(self) -> int:
+        """Output pixels computed along this axis, kept or not."""
+        return self.count * self.tile_out
+
+
+def plan_axis(size: int, config: UNetConfig, max_tile: int) -> AxisTiling:
+    """Cut an axis of ``size`` pixels into the fewest, then smallest, tiles of input <= ``max_tile``.
+
+    All tiles start at multiples of ``config.stride`` (``2**depth``). Among the layouts with
+    the fewest tiles, the one with the smallest tile (least computed-but-discarded output)
+    is chosen: a 512 px axis is one 700 px input tile (516 px output) for the paper net.
+    """
+    halo, unit = config.halo, config.stride
+    # the smallest useful tile: it keeps the whole axis, or at least one step of 2**depth
+    smallest = config.valid_input_size(min(size, unit) + 2 * halo)
+    max_in = max(config._valid_input_at_most(max_tile) or smallest, smallest)
+    max_out = max_in - 2 * halo
+    max_step = max((max_out // unit) * unit, unit)
+    count = 1 if size <= max_out else 1 + math.ceil((size - max_out) / max_step)
+    best: AxisTiling | None = None
+    for step in range(unit, max_step + 1, unit) if count > 1 else [0]:
+        need = size - (count - 1) * step
+        if need < 1:
+            break
+        tile_in = config.valid_input_size(max(need, step) + 2 * halo)
+        tile_out = tile_in - 2 * halo
+        if tile_in > max_in:
+            continue
+        if best is None or tile_in < best.tile_in:
+            best = AxisTiling(size, tile_in, tile_out, step, count, halo)
+    if best is None:  # pragma: no cover - count was chosen so that max_step fits
+        raise RuntimeError(f"no tile layout for size {size} with tiles <= {max_in}")
+    return best
+
+
+def plan_tiles(config: UNetConfig, shape: Sequence[int], tile: int | Sequence[int] | None = None) -> list[AxisTiling]:
+    """Tile layout for an image of spatial ``shape`` (one :class:`AxisTiling` per axis).
+
+    ``tile`` is the largest input tile per axis (an int or one per axis); the nearest valid
+    size below it is used. Default: 700 px for 2D models, 124 px for 3D models.
+    """
+    if tile is None:
+        tile = DEFAULT_TILE_2D if config.dims == 2 else DEFAULT_TILE_3D
+    tiles = [int(tile)] * len(shape) if isinstance(tile, (int, np.integer)) else [int(t) for t in tile]
+    if len(tiles) != len(shape):
+        raise ValueError(f"tile: expected one size or {len(shape)} sizes, got {tile!r}")
+    if min(tiles) < 1:
+        raise ValueError(f"tile: sizes must be positive, got {tile!r}")
+    return [plan_axis(int(size), config, t) for size, t in zip(shape, tiles, strict=True)]
+
+
+def tiling_efficiency(layout: Sequence[AxisTiling]) -> float:
+    """Useful output pixels over computed output pixels (1.0 = nothing computed in vain)."""
+    return math.prod(a.size for a in layout) / math.prod(a.computed for a in layout)
+
+
+# ------------------------------------------------------------------------------------------
+# Input preparation
+# ------------------------------------------------------------------------------------------
+def as_model_input(image: np.ndarray, config: UNetConfig, channel_axis: int | None = None) -> tuple[np.ndarray, bool]:
+    """Bring ``image`` to (items, channels, *spatial) float32; say whether it was a stack.
+
+    2D models take a 2D image ``(Y, X)``, a stack ``(Z, Y, X)`` (segmented slice by slice)
+    or either with a channel axis named by ``channel_axis``. 3D models take ``(Z, Y, X)`` or
+    ``(Z, Y, X)`` with a channel axis. The channel axis is never guessed.
+    """
+    arr = np.asarray(image)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"image: unsupported pixel type {arr.dtype}; expected integers or floats")
+    if arr.size == 0:
+        raise ValueError(f"image: empty image of shape {arr.shape}")
+    if channel_axis is None:
+        if config.in_channels != 1:
+            raise ValueError(
+                f"image: the model takes {config.in_channels} channels; say which axis holds them (channel_axis)"
+            )
+        arr = np.expand_dims(arr, 0)
+        channel_axis = 0
+    elif not -arr.ndim <= channel_axis < arr.ndim:
+        raise ValueError(f"channel_axis={channel_axis} is out of range for an image of shape {arr.shape}")
+    arr = np.moveaxis(arr, channel_axis, 0)
+    if arr.shape[0] != config.in_channels:
+        raise ValueError(
+            f"image: {arr.shape[0]} channels on axis {channel_axis}, but the model takes {config.in_channels}"
+        )
+    spatial = arr.ndim - 1
+    if spatial == config.dims:
+        stacked, arr = False, arr[None]
+    elif spatial == config.dims + 1:
+        stacked, arr = True, np.moveaxis(arr, 1, 0)
+    else:
+        expected = "(Y, X) or a stack (Z, Y, X)" if config.dims == 2 else "(Z, Y, X)"
+        raise ValueError(f"image: shape {np.shape(image)} does not fit a {config.dims}D model; expected {expected}")
+    data = arr.astype(np.float32, copy=False)
+    if not np.isfinite(data).all():
+        raise ValueError("image: has NaN or infinite pixels")
+    return data, stacked
+
+
+def normalize_items(items: np.ndarray, normalization: tuple[float, float] | None) -> np.ndarray:
+    """Percentile-normalise each item and channel of (items, channels, *spatial) on its own."""
+    if normalization is None:
+        return items
+    spatial = tuple(range(2, items.ndim))
+    return normalize_percentile(items, normalization[0], normalization[1], axis=spatial)
+
+
+# ------------------------------------------------------------------------------------------
+# Test-time augmentation: the 8 symmetries of the square
+# ------------------------------------------------------------------------------------------
+#: The dihedral group D4 as (number of 90-degree rotations, flip) pairs.
+DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
+
+
+def dihedral(array: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Apply a flip of the last axis (if ``flip``) then ``k`` rotations of the last two axes."""
+    out = array[..., ::-1] if flip else array
+    return np.rot90(out, k, axes=(-2, -1))
+
+
+def dihedral_inverse(array: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Undo :func:`dihedral` ``(k, flip)``."""
+    out = np.rot90(array, -k, axes=(-2, -1))
+    return out[..., ::-1] if flip else out
+
+
+# ------------------------------------------------------------------------------------------
+# Prediction
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """One step of :func:`predict_steps`: ``done`` of ``total`` tiles; ``result`` at the end."""
+
+    done: int
+    total: int
+    result: np.ndarray | None = None
+
+
+def _autocast(device: torch.device, precision: Precision):
+    if precision == "float32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def predict_steps(
+    model: UNet,
+    image: np.ndarray,
+    *,
+    channel_axis: int | None = None,
+    tile: int | Sequence[int] | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    tta: bool = False,
+    precision: Precision = "float32",
+) -> Iterator[Progress]:
+    """Generator form of :func:`predict`: yields a :class:`Progress` after every batch of tiles.
+
+    The last item carries the result. A GUI iterates over it to show progress and stays
+    responsive; :func:`predict` wraps it with a tqdm bar.
+    """
+    config = model.config
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if precision not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"precision must be 'float32', 'bfloat16' or 'float16', got {precision!r}")
+    items, stacked = as_model_input(image, config, channel_axis)
+    items = normalize_items(items, model.info.normalization)
+    transforms = DIHEDRAL if tta else ((0, False),)
+    if tta and config.dims != 2:
+        raise ValueError("tta=True is implemented for 2D models only")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    # One job per (item, transform); each job's tiles are independent and batched together.
+    jobs = [(i, t) for i in range(len(items)) for t in transforms]
+    inputs = [np.ascontiguousarray(dihedral(items[i], *t)) for i, t in jobs]
+    layouts = [plan_tiles(config, x.shape[1:], tile) for x in inputs]
+    tiles = [(j, c) for j, layout in enumerate(layouts) for c in itertools.product(*(range(a.count) for a in layout))]
+    batches = _batches(tiles, lambda tile: tuple(a.tile_in for a in layouts[tile[0]]), batch_size)
+    log.debug("%d image(s), %d transform(s), %d tile(s)", len(items), len(transforms), len(tiles))
+
+    results = [np.zeros((config.num_classes, *x.shape[1:]), np.float32) for x in inputs]
+    padded: dict[int, np.ndarray] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        done = 0
+        yield Progress(0, len(tiles))
+        for batch in batches:
+            windows = []
+            for j, corner in batch:
+                if j not in padded:
+                    padded.clear()  # keep one padded image in memory at a time
+                    padded[j] = _pad_for_layout(inputs[j], layouts[j])
+                windows.append(_input_window(padded[j], layouts[j], corner))
+            probs = _forward(model, windows, device, precision)
+            for (j, corner), prob in zip(batch, probs, strict=True):
+                _paste(results[j], prob, layouts[j], corner)
+            done += len(batch)
+            yield Progress(done, len(tiles))
+    finally:
+        model.train(was_training)
+
+    out = np.zeros((len(items), config.num_classes, *items.shape[2:]), np.float32)
+    for (i, t), result in zip(jobs, results, strict=True):
+        out[i] += dihedral_inverse(result, *t)
+    if tta:
+        out /= len(transforms)
+    yield Progress(len(tiles), len(tiles), out if stacked else out[0])
+
+
+def _batches(tiles: list, key, size: int) -> list[list]:
+    """Consecutive batches of at most ``size`` tiles, each of one tile shape (a stable grouping).
+
+    The transposed images of TTA can have another tile shape; sorting by shape keeps the
+    tiles of each image together, so each image is padded once.
+    """
+    batches = []
+    for _, group in itertools.groupby(sorted(tiles, key=key), key=key):
+        members = list(group)
+        batches += [members[i : i + size] for i in range(0, len(members), size)]
+    return batches
+
+
+def _pad_for_layout(item: np.ndarray, layout: Sequence[AxisTiling]) -> np.ndarray:
+    pads = [(a.halo, (a.count - 1) * a.step + a.tile_in - a.halo - a.size) for a in layout]
+    return mirror_pad(item, pads)
+
+
+def _input_window(padded: np.ndarray, layout: Sequence[AxisTiling], corner: Sequence[int]) -> np.ndarray:
+    index = (slice(None), *(slice(k * a.step, k * a.step + a.tile_in) for k, a in zip(corner, layout, strict=True)))
+    return padded[index]
+
+
+def _forward(model: UNet, windows: list[np.ndarray], device: torch.device, precision: Precision) -> np.ndarray:
+    batch = torch.from_numpy(np.stack(windows)).to(device, non_blocking=True)
+    with torch.inference_mode(), _autocast(device, precision):
+        logits = model(batch)
+    probs = torch.softmax(logits.float(), dim=1)
+    if model.config.padding == "same":  # keep the centre, where the context is complete
+        halo = model.config.halo
+        probs = probs[(slice(None), slice(None), *(slice(halo, s - halo) for s in probs.shape[2:]))]
+    return probs.cpu().numpy()
+
+
+def _paste(result: np.ndarray, prob: np.ndarray, layout: Sequence[AxisTiling], corner: Sequence[int]) -> None:
+    target, source = [slice(None)], [slice(None)]
+    for k, a in zip(corner, layout, strict=True):
+        lo, hi = a.cuts[k], a.cuts[k + 1]
+        target.append(slice(lo, hi))
+        source.append(slice(lo - k * a.step, hi - k * a.step))
+    result[tuple(target)] = prob[tuple(source)]
+
+
+def predict(
+    model: UNet,
+    image: np.ndarray,
+    *,
+    channel_axis: int | None = None,
+    tile: int | Sequence[int] | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    tta: bool = False,
+    precision: Precision = "float32",
+    progress: bool = True,
+) -> np.ndarray:
+    """Segment an image of any size with the overlap-tile strategy; return class probabilities.
+
+    Parameters
+    ----------
+    model : UNet
+        The network; its stored input normalisation (percentiles) is applied per image and
+        channel. It is run in eval mode and left in the mode it was in.
+    image : ndarray
+        ``(Y, X)``, a stack ``(Z, Y, X)`` segmented slice by slice, or either with a channel
+        axis (``channel_axis``) for multi-channel models; ``(Z, Y, X)`` for 3D models. Any
+        size from 1x1 up; never modified.
+    channel_axis : int, optional
+        The axis of ``image`` that holds the channels. Required when the model takes more
+        than one channel; never guessed.
+    tile : int or sequence of int, optional
+        Largest input tile per axis (the nearest valid size at or below it is used; default
+        700 for 2D models). The tiles per axis are then as few and as small as possible.
+    batch_size : int
+        Tiles per forward pass.
+    device : str or torch.device, optional
+        Where to compute (default: where the model's weights are).
+    tta : bool
+        Average the predictions of the 8 flips and 90-degree rotations (2D models).
+    precision : {"float32", "bfloat16", "float16"}
+        Autocast precision of the forward pass; the softmax is float32.
+    progress : bool
+        Show a tqdm bar over the tiles.
+
+    Returns
+    -------
+    ndarray of float32
+        Softmax probabilities ``(num_classes, *spatial)``, or ``(Z, num_classes, Y, X)`` for
+        a stack; they sum to 1 over the class axis.
+
+    Notes
+    -----
+    With ``padding="valid"`` the result equals one forward pass over the whole image,
+    mirror-padded by the halo (and on the far side up to a valid size), to float32
+    rounding, because every tile starts at a multiple of ``2**depth``. With
+    ``padding="same"`` tiles overlap by twice the halo and only their centres are kept; the
+    zero padding inside the network then still differs slightly from whole-image inference
+    (see the tests for the measured seam error).
+
+    References
+    ----------
+    Ronneberger, Fischer & Brox (2015), Sec. 2 and Fig. 2 (overlap-tile strategy).
+    """
+    from tqdm.auto import tqdm
+
+    bar = None
+    try:
+        for step in predict_steps(
+            model, image, channel_axis=channel_axis, tile=tile, batch_size=batch_size,
+            device=device, tta=tta, precision=precision,
+        ):
+            if bar is None:
+                bar = tqdm(total=step.total, desc="tiles", unit="tile", disable=not progress, leave=False)
+            bar.update(step.done - bar.n)
+            if step.result is not None:
+                return step.result
+    finally:
+        if bar is not None:
+            bar.close()
+    raise RuntimeError("predict_steps ended without a result")  # pragma: no cover

@@ -1,0 +1,209 @@
+"""Overlap-tile prediction: mirror rule, tile layout, exactness, TTA, stacks and channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from biounet import UNet, UNetConfig, plan_tiles, predict, predict_steps, tiling_efficiency
+from biounet.io import normalize_percentile
+from biounet.tiling import DIHEDRAL, dihedral, dihedral_inverse, mirror_indices, mirror_pad
+
+
+def whole_image_reference(model: UNet, image: np.ndarray) -> np.ndarray:
+    """One forward pass over the whole image, mirror-padded with numpy.pad, no tiling."""
+    halo = model.halo
+    x = normalize_percentile(image, *model.info.normalization) if model.info.normalization else image
+    pads = []
+    for size in image.shape[-2:]:
+        total = model.config.valid_input_size(size + 2 * halo)
+        pads.append((halo, total - size - halo))
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 2) + pads, mode="reflect")
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(padded.astype(np.float32)).reshape(1, -1, *padded.shape[-2:]))
+    prob = torch.softmax(logits, 1)[0].numpy()
+    if model.config.padding == "same":
+        prob = prob[:, halo:, halo:]
+    return prob[:, : image.shape[-2], : image.shape[-1]]
+
+
+# -- mirror ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,before,after", [(5, 3, 4), (3, 7, 7), (2, 5, 6), (10, 0, 9)])
+def test_mirror_indices_equal_numpy_reflect(size, before, after):
+    a = np.arange(size) * 10
+    assert np.array_equal(a[mirror_indices(size, before, after)], np.pad(a, (before, after), mode="reflect"))
+
+
+def test_mirror_does_not_repeat_edge_and_repeats_for_tiny_images():
+    assert mirror_indices(4, 3, 3).tolist() == [3, 2, 1, 0, 1, 2, 3, 2, 1, 0]
+    assert mirror_indices(1, 2, 2).tolist() == [0, 0, 0, 0, 0]
+    assert mirror_indices(2, 3, 3).tolist() == [1, 0, 1, 0, 1, 0, 1, 0]
+
+
+def test_mirror_value_does_not_depend_on_pad_width():
+    small = mirror_pad(np.arange(12.0).reshape(3, 4), [(5, 2), (1, 9)])
+    large = mirror_pad(np.arange(12.0).reshape(3, 4), [(5, 30), (1, 40)])
+    assert np.array_equal(small, large[: small.shape[0], : small.shape[1]])
+
+
+# -- layout ----------------------------------------------------------------------------------
+def test_512_image_is_one_700_tile_for_paper_net():
+    layout = plan_tiles(UNetConfig(), (512, 512))
+    assert [(a.count, a.tile_in, a.tile_out) for a in layout] == [(1, 700, 516)] * 2
+    assert tiling_efficiency(layout) == pytest.approx(512**2 / 516**2)
+
+
+@given(size=st.integers(1, 3000), tile=st.integers(150, 900))
+@settings(max_examples=200, deadline=None)
+def test_layout_covers_axis_with_aligned_steps(size, tile):
+    cfg = UNetConfig()
+    (a,) = plan_tiles(cfg, (size,), tile)
+    assert cfg.is_valid_input_size(a.tile_in)
+    assert a.tile_in <= max(tile, 204)  # 204: the smallest tile whose output spans 16 px
+    assert a.step % 16 == 0
+    assert a.tile_out >= a.step
+    assert (a.count - 1) * a.step + a.tile_out >= size
+    cuts = a.cuts
+    assert cuts[0] == 0 and cuts[-1] == size and all(x <= y for x, y in zip(cuts, cuts[1:]))
+    for k in range(a.count):  # tile k owns pixels it has computed
+        assert k * a.step <= cuts[k] and cuts[k + 1] <= k * a.step + a.tile_out
+
+
+# -- exactness -------------------------------------------------------------------------------
+@given(
+    h=st.integers(1, 90), w=st.integers(1, 90), tile=st.integers(20, 70), seed=st.integers(0, 2**16)
+)
+@settings(max_examples=25, deadline=None)
+def test_tiled_equals_whole_image_valid_padding(tiny_model, h, w, tile, seed):
+    image = np.random.default_rng(seed).random((h, w)).astype(np.float32) * 1000
+    tiled = predict(tiny_model, image, tile=tile, batch_size=3, progress=False)
+    whole = whole_image_reference(tiny_model, image)
+    assert tiled.shape == (2, h, w)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5, rtol=0)
+
+
+def test_tiled_equals_whole_image_paper_net_two_tiles():
+    torch.manual_seed(0)
+    model = UNet(base_channels=8).eval()
+    image = np.random.default_rng(0).random((40, 300)).astype(np.float32)
+    layout = plan_tiles(model.config, image.shape, 300)
+    assert layout[1].count == 3
+    tiled = predict(model, image, tile=300, progress=False)
+    np.testing.assert_allclose(tiled, whole_image_reference(model, image), atol=1e-5, rtol=0)
+
+
+def test_same_padding_seam_error_is_small_and_measured():
+    """Same padding: tiles overlap by 2 x halo; zero padding inside the net still differs a little.
+
+    Measured here on a random depth-2 network: the max abs difference to whole-image
+    inference is recorded in the assertion bound; it is 0 away from tile borders.
+    """
+    torch.manual_seed(0)
+    model = UNet(depth=2, base_channels=4, padding="same", dropout=0.0).eval()
+    image = np.random.default_rng(1).random((120, 130)).astype(np.float32)
+    tiled = predict(model, image, tile=64, progress=False)
+    whole = whole_image_reference(model, image)
+    seam = np.abs(tiled - whole).max()
+    assert seam < 0.05
+    np.testing.assert_allclose(tiled.sum(0), 1.0, atol=1e-6)
+
+
+def test_paper_net_tiny_image_smaller_than_halo():
+    torch.manual_seed(0)
+    model = UNet(base_channels=4).eval()
+    for shape in [(1, 1), (3, 2), (7, 50)]:
+        image = np.random.default_rng(0).random(shape).astype(np.float32)
+        prob = predict(model, image, progress=False)
+        assert prob.shape == (2, *shape)
+        np.testing.assert_allclose(prob, whole_image_reference(model, image), atol=1e-5)
+
+
+def test_input_is_not_modified(tiny_model):
+    image = np.random.default_rng(0).random((30, 30))
+    copy = image.copy()
+    predict(tiny_model, image, progress=False)
+    assert np.array_equal(image, copy)
+
+
+def test_uint16_input_equals_float_input(tiny_model):
+    image = (np.random.default_rng(0).random((40, 33)) * 60000).astype(np.uint16)
+    a = predict(tiny_model, image, progress=False)
+    b = predict(tiny_model, image.astype(np.float64), progress=False)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# -- stacks, channels ------------------------------------------------------------------------
+def test_stack_is_segmented_slice_by_slice(tiny_model):
+    stack = np.random.default_rng(0).random((3, 25, 31)).astype(np.float32)
+    prob = predict(tiny_model, stack, tile=40, progress=False)
+    assert prob.shape == (3, 2, 25, 31)
+    for z in range(3):
+        np.testing.assert_allclose(prob[z], predict(tiny_model, stack[z], progress=False), atol=1e-6)
+
+
+def test_multichannel_axis_is_stated_not_guessed():
+    torch.manual_seed(0)
+    model = UNet(in_channels=3, depth=2, base_channels=4).eval()
+    image = np.random.default_rng(0).random((20, 22, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="channel_axis"):
+        predict(model, image, progress=False)
+    last = predict(model, image, channel_axis=-1, progress=False)
+    first = predict(model, np.moveaxis(image, -1, 0), channel_axis=0, progress=False)
+    assert last.shape == (2, 20, 22)
+    np.testing.assert_array_equal(last, first)
+    with pytest.raises(ValueError, match="3 channels on axis -1, but the model takes 2"):
+        predict(UNet(in_channels=2, depth=2, base_channels=4), image, channel_axis=-1, progress=False)
+
+
+@pytest.mark.parametrize(
+    "image,match",
+    [(np.zeros((0, 5)), "empty"), (np.full((5, 5), np.nan), "NaN"), (np.zeros((2, 2, 2, 2)), "shape"),
+     (np.array([["a"]]), "pixel type")],
+)
+def test_bad_images_are_clear_errors(tiny_model, image, match):
+    with pytest.raises(ValueError, match=match):
+        predict(tiny_model, image, progress=False)
+
+
+# -- TTA -------------------------------------------------------------------------------------
+def test_dihedral_inverse_is_exact():
+    a = np.arange(2 * 5 * 7).reshape(2, 5, 7)
+    seen = set()
+    for k, flip in DIHEDRAL:
+        t = dihedral(a, k, flip)
+        assert np.array_equal(dihedral_inverse(t, k, flip), a)
+        seen.add(t.tobytes() + bytes(t.shape))
+    assert len(seen) == 8  # the eight transforms are distinct
+
+
+def test_tta_averages_the_eight_transforms(tiny_model):
+    image = np.random.default_rng(2).random((30, 26)).astype(np.float32)
+    tta = predict(tiny_model, image, tta=True, progress=False)
+    manual = np.zeros_like(tta)
+    for k, flip in DIHEDRAL:  # independent reference with numpy's own flips/rotations
+        x = np.rot90(np.fliplr(image) if flip else image, k)
+        p = predict(tiny_model, np.ascontiguousarray(x), progress=False)
+        p = np.rot90(p, -k, axes=(1, 2))
+        manual += p[:, :, ::-1] if flip else p
+    np.testing.assert_allclose(tta, manual / 8, atol=1e-6)
+    assert not np.allclose(tta, predict(tiny_model, image, progress=False), atol=1e-4)
+
+
+# -- generator, precision --------------------------------------------------------------------
+def test_predict_steps_reports_progress_then_result(tiny_model):
+    image = np.random.default_rng(0).random((50, 50)).astype(np.float32)
+    steps = list(predict_steps(tiny_model, image, tile=60, batch_size=2))
+    total = steps[0].total
+    assert total == 9 and [s.done for s in steps] == [0, 2, 4, 6, 8, 9, 9]
+    assert all(s.result is None for s in steps[:-1])
+    np.testing.assert_array_equal(steps[-1].result, predict(tiny_model, image, tile=60, progress=False))
+
+
+def test_bfloat16_stays_close_to_float32(tiny_model):
+    image = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    a = predict(tiny_model, image, progress=False)
+    b = predict(tiny_model, image, precision="bfloat16", progress=False)
+    assert np.abs(a - b).max() < 0.05
