@@ -140,7 +140,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
 def _read_picture(path: Path) -> tuple[np.ndarray, str]:
     import imageio.v3 as iio
 
-    image = iio.imread(path)
+    image = iio.imread(path, plugin="pillow")
     if image.ndim == 3 and image.shape[-1] in (2, 4):  # gray+alpha or RGBA: drop alpha
         image = image[..., :-1]
     if image.ndim == 3 and image.shape[-1] == 1:

@@ -1,0 +1,345 @@
+"""Command-line interface: ``biounet <command> ...`` and ``python -m biounet``.
+
+Only the standard library is imported at module level so that ``biounet --help`` answers
+instantly; each command imports what it needs inside its handler.  Every command turns an
+expected failure (:class:`biounet.errors.BiounetError`, ``OSError``, ``ValueError``) into one
+clear line on stderr and a non-zero exit status; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger("biounet")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------------------------
+# predict (issue 2)
+# --------------------------------------------------------------------------------------------
+PREDICT_OUTPUTS = ("probabilities", "labels", "overlay")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment images with a saved model (overlap-tile)",
+        description="Segment images of any size tile by tile. MODEL is a model folder or the name of a "
+        "shipped model (or give it with --model and list only images).",
+    )
+    p.add_argument("paths", nargs="+", metavar="[MODEL] INPUT", help="model (unless --model) and input images")
+    p.add_argument("-m", "--model", help="model folder or shipped model name")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if missing)")
+    p.add_argument("--tile", type=int, help="largest input tile per axis in px (default 700 for 2D models)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default cpu)")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    p.add_argument("--channel-axis", type=int, help="axis of the input holding the channels (else read from the file)")
+    p.add_argument(
+        "--save", default="probabilities,labels", help=f"comma-separated outputs among {','.join(PREDICT_OUTPUTS)}"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from biounet.inference import predict_files
+
+    paths = list(args.paths)
+    model = args.model if args.model else paths.pop(0)
+    if not paths:
+        raise ValueError("no input images given")
+    save = tuple(s.strip() for s in args.save.split(",") if s.strip())
+    unknown = sorted(set(save) - set(PREDICT_OUTPUTS))
+    if unknown or not save:
+        raise ValueError(f"--save: unknown output(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(PREDICT_OUTPUTS)}")
+    report = predict_files(
+        model,
+        [Path(p) for p in paths],
+        Path(args.output),
+        save=save,
+        tile=args.tile,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        tta=args.tta,
+        channel_axis=args.channel_axis,
+        progress=not args.no_progress,
+        debug=args.debug,
+    )
+    return 0 if not report.failed else 1
+
+
+# --------------------------------------------------------------------------------------------
+# synth (issue 3, datasets)
+# --------------------------------------------------------------------------------------------
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic touching-cells data set (images/ + labels/)",
+        description="Write N synthetic images of clumps of touching cells as DIR/images/synth_NNN.tif "
+        "(uint16 camera counts) and DIR/labels/synth_NNN.tif (uint16 instance labels, 0 = background).",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (created; must not hold data)")
+    p.add_argument("-n", type=int, default=20, help="number of images (default 20)")
+    p.add_argument("--shape", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="default 256 256")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--style", choices=("fluorescence", "phase"), default="fluorescence", help="default fluorescence")
+    p.set_defaults(handler=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from biounet.datasets import synthetic_cells
+    from biounet.io import write_tiff
+
+    if args.n < 1:
+        raise ValueError(f"-n must be at least 1, got {args.n}")
+    root = Path(args.output)
+    folders = (root / "images", root / "labels")
+    for folder in folders:
+        if folder.is_dir() and any(folder.iterdir()):
+            raise ValueError(f"{folder} is not empty; choose a new output folder")
+    data = synthetic_cells(args.n, shape=tuple(args.shape), seed=args.seed, style=args.style)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    width = max(3, len(str(args.n - 1)))
+    for i, (image, labels) in enumerate(data):
+        write_tiff(folders[0] / f"synth_{i:0{width}d}.tif", image)
+        write_tiff(folders[1] / f"synth_{i:0{width}d}.tif", labels)
+    log.info("wrote %d %s images and labels to %s", len(data), args.style, root)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# show-weights (issue 3, weight maps)
+# --------------------------------------------------------------------------------------------
+def _add_show_weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "show-weights",
+        help="render the paper's border weight map of a label image",
+        description="Compute the loss weight map of the U-Net paper (eq. 2) for an instance label image "
+        "(0 = background) and save it as a colour PNG like the paper's Fig. 3d (blue = low, red = high).",
+    )
+    p.add_argument("labels", metavar="LABELS", help="2D instance label image (TIFF, PNG, .npy), or a mask with --binary")
+    p.add_argument("-o", "--output", required=True, help="the PNG file to write")
+    p.add_argument("--w0", type=float, default=10.0, help="amplitude of the border term (default: 10)")
+    p.add_argument("--sigma", type=float, default=5.0, help="width of the border term in pixels (default: 5)")
+    p.add_argument(
+        "--border",
+        choices=("background", "all"),
+        default="background",
+        help="add the border term on background pixels only (default) or on all pixels",
+    )
+    p.add_argument(
+        "--binary",
+        action="store_true",
+        help="LABELS is a binary mask: split its cells into 4-connected components first",
+    )
+    p.add_argument(
+        "--foreground-value",
+        type=float,
+        default=None,
+        help="with --binary: the mask value of cells (default: every non-zero pixel; ISBI: 255)",
+    )
+    p.add_argument("--vmax", type=float, default=None, help="weight shown in dark red (default: the maximum)")
+    p.set_defaults(handler=_cmd_show_weights)
+
+
+def _cmd_show_weights(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from biounet.io import read_image, write_png
+    from biounet.weights import binary_to_instances, render_weight_map, weight_map
+
+    if Path(args.output).suffix.lower() != ".png":
+        raise ValueError(f"{args.output}: the output must be a .png file")
+    labels = read_image(args.labels)
+    if labels.ndim != 2:
+        raise ValueError(f"{args.labels}: expected a 2D label image, got shape {labels.shape}")
+    if args.binary:
+        labels = binary_to_instances(labels, foreground_value=args.foreground_value)
+    elif args.foreground_value is not None:
+        raise ValueError("--foreground-value needs --binary")
+    elif labels.dtype.kind not in "iu":
+        raise ValueError(f"{args.labels}: labels must be integers, got {labels.dtype}; pass --binary for a mask")
+    n_cells = np.unique(labels[labels > 0]).size
+    if n_cells < 2:
+        log.warning("%s: %d cell(s), so the border term is 0; pass --binary if this is a mask", args.labels, n_cells)
+    weights = weight_map(labels, w0=args.w0, sigma=args.sigma, border=args.border)
+    write_png(args.output, render_weight_map(weights, vmax=args.vmax))
+    log.info("%s: %d cells, weights %.3g..%.3g -> %s", args.labels, n_cells, weights.min(), weights.max(), args.output)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate (issue 5)
+# --------------------------------------------------------------------------------------------
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score predictions against ground truth (ISBI 2012, CTC, object F1)")
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# train (issue 4)
+# --------------------------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a U-Net on annotated images (images/ + labels/, ISBI or CTC layout)",
+        description="Train with the paper's recipe (--preset paper) or a narrow CPU-friendly one (--preset fast). "
+        "Precedence: preset < --config TOML < --set field=value < --steps/--seed.",
+    )
+    p.add_argument("data", help="data set folder (layout detected: images/+labels/, ISBI 2012, Cell Tracking Challenge)")
+    p.add_argument("-o", "--output", required=True, metavar="RUNDIR", help="run folder (logs, checkpoints, models)")
+    p.add_argument("--preset", choices=("paper", "fast"), default="paper")
+    p.add_argument("--config", metavar="FILE", help="TOML file of training options")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override one option (repeatable)")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val", metavar="DATA", help="validation data set folder")
+    val.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of the images")
+    p.add_argument("--layout", choices=("auto", "folders", "isbi", "ctc"), default="auto")
+    p.add_argument("--gray", action="store_true", help="convert colour images to gray")
+    p.add_argument("--steps", type=int, help="number of training steps")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUNDIR from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from biounet.datasets import load_dataset
+    from biounet.train import TrainConfig, split_samples, train
+
+    run_dir = Path(args.output)
+    saved = run_dir / "train_config.json"
+    if args.resume and saved.is_file():
+        config = TrainConfig.from_dict(json.loads(saved.read_text()))
+    else:
+        config = TrainConfig.preset(args.preset)
+        if args.config:
+            config = TrainConfig.from_toml(Path(args.config), base=config)
+    overrides = list(args.set)
+    overrides += [f"steps={args.steps}"] if args.steps is not None else []
+    overrides += [f"seed={args.seed}"] if args.seed is not None else []
+    config = config.updated(overrides)
+    samples = load_dataset(args.data, args.layout, as_gray=args.gray, progress=not args.no_progress)
+    if args.val:
+        val_samples = load_dataset(args.val, args.layout, as_gray=args.gray)
+    else:
+        samples, val_samples = split_samples(samples, args.val_fraction, seed=config.seed)
+    log.info("training on %d image(s), validating on %d; %s", len(samples), len(val_samples), run_dir)
+    train(samples, run_dir, config, val_samples=val_samples, device=args.device, resume=args.resume,
+          progress=not args.no_progress)  # fmt: skip
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# demo (issue 2, then issue 4)
+# --------------------------------------------------------------------------------------------
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train on synthetic cells and segment a held-out image (CPU, minutes)")
+    p.add_argument("-o", "--output", default="demo-output", metavar="OUTDIR", help="output folder")
+    p.add_argument("--steps", type=int, help="training steps (default: the fast preset's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from biounet.demo import run_demo
+
+    result = run_demo(args.output, steps=args.steps, progress=not args.no_progress)
+    out = sys.stdout
+    out.write(f"trained the fast preset in {result.train_seconds:.0f} s on synthetic touching cells\n")
+    out.write(f"segmented a held-out 480x640 image in {result.predict_seconds:.2f} s ({result.tiles} tiles)\n")
+    out.write(f"held-out foreground IoU {result.iou:.3f}, object F1 at IoU 0.5 {result.f1:.3f}\n")
+    out.write("files:\n" + "".join(f"  {p}\n" for p in result.files))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``biounet`` argument parser with one sub-command per job."""
+    parser = argparse.ArgumentParser(
+        prog="biounet",
+        description="U-Net for microscopy: exact overlap-tile segmentation, training, evaluation.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_predict, _add_train, _add_evaluate, _add_synth, _add_show_weights, _add_demo):
+        add(sub)
+    return parser
+
+
+class _TqdmAwareHandler(logging.StreamHandler):
+    """Writes log lines to the current ``sys.stderr`` without breaking tqdm bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(level: int) -> None:
+    logger = logging.getLogger("biounet")
+    for handler in [h for h in logger.handlers if isinstance(h, _TqdmAwareHandler)]:
+        logger.removeHandler(handler)
+    handler = _TqdmAwareHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings duplicate our error lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``biounet`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO)
+    if args.version:
+        from importlib.metadata import version
+
+        sys.stdout.write(f"biounet {version('biounet')}\n")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler: Handler = args.handler
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("biounet: interrupted\n")
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"biounet {args.command}: error: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Losses: the paper's pixel-wise weighted cross-entropy (eq. 1) and an optional soft Dice term."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise softmax cross-entropy weighted by a weight map (paper, eq. 1).
+
+    .. math::
+
+        E = \\frac{1}{|\\Omega_+|} \\sum_{x \\in \\Omega} w(x) \\, (-\\log p_{\\ell(x)}(x)),
+        \\qquad p_k(x) = \\frac{\\exp a_k(x)}{\\sum_{k'} \\exp a_{k'}(x)}
+
+    where :math:`\\ell(x)` is the true class of pixel :math:`x`, :math:`w` the weight map
+    (:func:`biounet.weights.weight_map`) and :math:`\\Omega_+` the pixels with ``w > 0``
+    (pixels outside the image carry weight 0 and do not count). The paper sums the energy;
+    dividing by the number of labelled pixels keeps the learning rate independent of the tile
+    size.
+
+    Parameters
+    ----------
+    logits : Tensor, shape (N, K, *spatial)
+        Network output before the softmax.
+    target : Tensor of int, shape (N, *spatial)
+        Class index per pixel, in ``0 .. K-1``.
+    weight : Tensor, shape (N, *spatial)
+        Non-negative loss weight per pixel.
+
+    Returns
+    -------
+    Tensor
+        Scalar loss (0 if no pixel has positive weight).
+
+    References
+    ----------
+    Ronneberger, Fischer & Brox (2015), eq. 1.
+    """
+    if logits.ndim < 3 or target.shape != logits.shape[:1] + logits.shape[2:] or weight.shape != target.shape:
+        raise ValueError(
+            f"weighted_cross_entropy: logits {tuple(logits.shape)} must be (N, K, *S) with target and weight (N, *S);"
+            f" got target {tuple(target.shape)}, weight {tuple(weight.shape)}"
+        )
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    weight = weight.float()
+    return (weight * ce).sum() / (weight > 0).sum().clamp_min(1)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss over the foreground classes ``1 .. K-1``, on pixels where ``mask`` is true.
+
+    ``1 - mean_k (2 sum p_k g_k + eps) / (sum p_k + sum g_k + eps)`` with ``p`` the softmax and
+    ``g`` the one-hot target (Milletari et al., V-Net, 2016).
+    """
+    probs = torch.softmax(logits.float(), dim=1)
+    onehot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).float()
+    m = mask.unsqueeze(1).float()
+    dims = (0, *range(2, logits.ndim))
+    inter = (probs * onehot * m).sum(dims)[1:]
+    total = ((probs + onehot) * m).sum(dims)[1:]
+    return 1.0 - ((2 * inter + eps) / (total + eps)).mean()

@@ -1,0 +1,132 @@
+"""Image reading and atomic writing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from biounet.io import atomic_write, label_overlay, normalize_percentile, read_image, read_image_axes, write_png, write_tiff
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]  # no temporary file left behind
+    with atomic_write(target) as tmp:
+        assert tmp.suffix == ".txt" and tmp.parent == tmp_path
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+
+
+def test_atomic_write_missing_folder_is_clear(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        with atomic_write(tmp_path / "nope" / "a.tif"):
+            pass
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.int32])
+def test_tiff_round_trip_dtypes(tmp_path, dtype):
+    a = (np.arange(60).reshape(6, 10) * 7).astype(dtype)
+    tifffile.imwrite(tmp_path / "a.tif", a)
+    b = read_image(tmp_path / "a.tif")
+    assert b.dtype == dtype and np.array_equal(a, b)
+
+
+def test_imagej_hyperstack_axes(tmp_path):
+    a = np.zeros((3, 2, 8, 9), np.uint16)  # Z, C, Y, X
+    tifffile.imwrite(tmp_path / "h.tif", a, imagej=True, metadata={"axes": "ZCYX"})
+    image, axes = read_image_axes(tmp_path / "h.tif")
+    assert image.shape == (3, 2, 8, 9) and axes == "ZCYX"
+
+
+def test_ome_tiff_axes(tmp_path):
+    a = np.zeros((2, 3, 8, 9), np.uint8)
+    tifffile.imwrite(tmp_path / "o.ome.tif", a, metadata={"axes": "TCYX"})
+    image, axes = read_image_axes(tmp_path / "o.ome.tif")
+    assert image.shape == (2, 3, 8, 9) and axes == "TCYX"
+
+
+def test_png_rgba_drops_alpha_and_gray_rgb_becomes_2d(tmp_path):
+    import imageio.v3 as iio
+
+    rgba = np.zeros((5, 6, 4), np.uint8)
+    rgba[..., :3] = np.arange(30).reshape(5, 6, 1)
+    rgba[..., 3] = 255
+    iio.imwrite(tmp_path / "g.png", rgba)
+    image, axes = read_image_axes(tmp_path / "g.png")
+    assert image.shape == (5, 6) and axes == "YX"
+    rgba[..., 1] = 0
+    iio.imwrite(tmp_path / "c.png", rgba)
+    image, axes = read_image_axes(tmp_path / "c.png")
+    assert image.shape == (5, 6, 3) and axes == "YXC"
+
+
+def test_npy_never_unpickles(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="o.npy"):
+        read_image(tmp_path / "o.npy")
+
+
+@pytest.mark.parametrize(
+    "name,content,match",
+    [("x.tif", b"II*\x00garbage", "cannot read"), ("x.png", b"\x89PNG broken", "cannot read"),
+     ("x.bmp", b"BM", "unsupported file type")],
+)
+def test_bad_files_name_the_file(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=match) as info:
+        read_image(tmp_path / name)
+    assert name in str(info.value)
+
+
+def test_missing_and_empty(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        read_image(tmp_path / "none.tif")
+    np.save(tmp_path / "e.npy", np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="empty"):
+        read_image(tmp_path / "e.npy")
+    np.save(tmp_path / "c.npy", np.zeros((3, 3), complex))
+    with pytest.raises(ValueError, match="pixel type complex"):
+        read_image(tmp_path / "c.npy")
+
+
+def test_write_tiff_label_and_float_types(tmp_path):
+    write_tiff(tmp_path / "l.tif", np.array([[0, 70000]], np.int64))
+    assert read_image(tmp_path / "l.tif").dtype == np.uint32
+    write_tiff(tmp_path / "l.tif", np.array([[0, 7]], np.int64))
+    assert read_image(tmp_path / "l.tif").dtype == np.uint16
+    write_tiff(tmp_path / "p.tif", np.ones((2, 3, 4)), axes="CYX")
+    image, axes = read_image_axes(tmp_path / "p.tif")
+    assert image.dtype == np.float32 and axes == "CYX"
+    with pytest.raises(ValueError, match="outside"):
+        write_tiff(tmp_path / "n.tif", np.array([[-1]]))
+
+
+def test_normalize_percentile_formula():
+    x = np.arange(1001, dtype=np.float64)
+    y = normalize_percentile(x, 10, 90)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, (x - 100) / 800, atol=1e-6)
+    assert np.all(normalize_percentile(np.full((4, 4), 3.0)) == 0)
+    with pytest.raises(ValueError, match="low < high"):
+        normalize_percentile(x, 50, 10)
+
+
+def test_overlay_and_png(tmp_path):
+    image = np.random.default_rng(0).random((20, 30))
+    labels = np.zeros((20, 30), np.uint16)
+    labels[2:8, 3:9] = 1
+    labels[10:18, 10:25] = 2
+    rgb = label_overlay(image, labels)
+    assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
+    assert not np.array_equal(rgb[labels == 1][0], rgb[labels == 2][0])
+    write_png(tmp_path / "o.png", rgb)
+    assert read_image(tmp_path / "o.png").shape == (20, 30, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(tmp_path / "bad.png", image)

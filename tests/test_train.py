@@ -1,0 +1,220 @@
+"""Training: loss against numpy, config handling, resume after SIGKILL, failures, DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from biounet.datasets import make_sample, synthetic_cells
+from biounet.logs import read_events
+from biounet.losses import soft_dice_loss, weighted_cross_entropy
+from biounet.train import TrainConfig, TrainingError, split_samples, train_steps
+
+TINY = ["--set", "depth=2", "--set", "base_channels=4", "--set", "tile=76", "--set", "batch_size=2",
+        "--set", "val_every=1000"]  # fmt: skip
+
+
+def test_weighted_cross_entropy_equals_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 5, 4))
+    target = rng.integers(0, 3, size=(2, 5, 4))
+    weight = rng.random((2, 5, 4)) * 3
+    weight[0, 0, :] = 0  # unlabelled pixels
+    # direct: log-softmax by hand, pick the true class, weight, mean over labelled pixels
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    picked = np.take_along_axis(log_p, target[:, None], axis=1)[:, 0]
+    expected = -(weight * picked).sum() / (weight > 0).sum()
+    got = weighted_cross_entropy(torch.tensor(logits), torch.tensor(target), torch.tensor(weight))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_loss_shape_errors_and_dice_range():
+    with pytest.raises(ValueError, match="target"):
+        weighted_cross_entropy(torch.zeros(1, 2, 4, 4), torch.zeros(1, 5, 4, dtype=torch.long), torch.ones(1, 5, 4))
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 1:3, 1:3] = 1
+    perfect = torch.where(target.bool(), 20.0, -20.0)[:, None].repeat(1, 2, 1, 1)
+    perfect[:, 0] *= -1
+    assert soft_dice_loss(perfect, target, torch.ones(1, 4, 4, dtype=torch.bool)).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_config_presets_toml_and_overrides(tmp_path):
+    paper = TrainConfig.preset("paper")
+    assert (paper.base_channels, paper.depth, paper.padding, paper.optimizer, paper.momentum) == (64, 4, "valid", "sgd", 0.99)
+    assert (paper.w0, paper.sigma, paper.elastic_std, paper.elastic_grid, paper.tile, paper.batch_size) == (10, 5, 10, 3, 572, 1)
+    (tmp_path / "c.toml").write_text('preset = "fast"\nlr = 0.005\nnorm = "batch"\n')
+    cfg = TrainConfig.from_toml(tmp_path / "c.toml").updated(["steps=7", "augment=false", "normalization=[2, 98]"])
+    assert (cfg.base_channels, cfg.lr, cfg.norm, cfg.steps, cfg.augment, cfg.normalization) == (16, 0.005, "batch", 7, False, (2.0, 98.0))
+    with pytest.raises(ValueError, match="unknown training option"):
+        cfg.updated(["learning_rate=1"])
+    with pytest.raises(ValueError, match="optimizer"):
+        cfg.updated(["optimizer=lbfgs"])
+    (tmp_path / "bad.toml").write_text("lr = [")
+    with pytest.raises(ValueError, match="bad.toml"):
+        TrainConfig.from_toml(tmp_path / "bad.toml")
+
+
+def test_split_samples_is_deterministic_and_disjoint():
+    items = [type("S", (), {"name": str(i)})() for i in range(10)]
+    train_a, val_a = split_samples(items, 0.2, seed=3)
+    train_b, val_b = split_samples(items, 0.2, seed=3)
+    assert [s.name for s in val_a] == [s.name for s in val_b] and len(val_a) == 2
+    assert not {s.name for s in train_a} & {s.name for s in val_a}
+    with pytest.raises(ValueError, match="fraction"):
+        split_samples(items, 1.5)
+
+
+def _write_synthetic(folder: Path, n: int = 4, shape=(64, 64)) -> Path:
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    for i, (image, labels) in enumerate(synthetic_cells(n, shape, seed=5)):
+        tifffile.imwrite(folder / "images" / f"s{i}.tif", image)
+        tifffile.imwrite(folder / "labels" / f"s{i}.tif", labels)
+    return folder
+
+
+def _biounet(*args: str) -> list[str]:
+    return [sys.executable, "-m", "biounet", "-q", *args]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "last" / "weights.safetensors"))
+
+
+def test_train_writes_a_complete_run_folder(tmp_path):
+    data = _write_synthetic(tmp_path / "data")
+    run = tmp_path / "run"
+    cmd = _biounet("train", str(data), "-o", str(run), "--preset", "fast", "--steps", "6", *TINY,
+                   "--set", "val_every=3", "--val-fraction", "0.25", "--no-progress")  # fmt: skip
+    subprocess.run(cmd, check=True, timeout=300)
+    for name in ["train_config.json", "log.csv", "checkpoint.pt", "curves.png", "last/config.json", "best/weights.safetensors"]:
+        assert (run / name).is_file(), name
+    rows = (run / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,lr") and len(rows) == 7
+    assert rows[3].split(",")[6] != ""  # validation IoU at step 3
+    events = next(run.glob("events.out.tfevents.*"))
+    records = read_events(events)
+    assert len(records) == 7 and b"brain.Event:2" in records[0] and b"loss" in records[1]
+    subprocess.run(_biounet("predict", str(run / "best"), str(data / "images" / "s0.tif"), "-o", str(tmp_path / "p"),
+                            "--no-progress"), check=True, timeout=120)  # fmt: skip
+    assert (tmp_path / "p" / "s0_labels.tif").is_file()
+
+
+def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
+    data = _write_synthetic(tmp_path / "data")
+    common = ["--preset", "fast", "--steps", "24", *TINY, "--set", "checkpoint_every=4", "--set", "deterministic=true",
+              "--seed", "7", "--no-progress"]  # fmt: skip
+    subprocess.run(_biounet("train", str(data), "-o", str(tmp_path / "whole"), *common), check=True, timeout=300)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_biounet("train", str(data), "-o", str(run), *common))
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it once a checkpoint beyond the first exists, mid-run
+        if (run / "log.csv").is_file() and len((run / "log.csv").read_text().splitlines()) > 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = len((run / "log.csv").read_text().splitlines()) - 1
+    assert killed_at < 24, "the run finished before it could be killed"
+    subprocess.run(_biounet("train", str(data), "-o", str(run), "--resume", "--no-progress"), check=True, timeout=300)
+    whole, resumed = _weights(tmp_path / "whole"), _weights(run)
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    steps = [int(line.split(",")[0]) for line in (run / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 25))  # every step logged exactly once
+
+
+def test_existing_run_without_resume_is_refused(tmp_path):
+    data = _write_synthetic(tmp_path / "data", n=2)
+    args = ("train", str(data), "-o", str(tmp_path / "r"), "--preset", "fast", "--steps", "2", *TINY, "--no-progress")
+    subprocess.run(_biounet(*args), check=True, timeout=300)
+    out = subprocess.run(_biounet(*args), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "--resume" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import biounet.train as train_module
+
+    calls = {"n": 0}
+
+    def loss_that_breaks_at_step_7(*args):
+        calls["n"] += 1
+        loss = weighted_cross_entropy(*args)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(train_module, "weighted_cross_entropy", loss_that_breaks_at_step_7)
+    pairs = synthetic_cells(2, (64, 64), seed=1)
+    samples = [make_sample(im, lab, name=str(i)) for i, (im, lab) in enumerate(pairs)]
+    cfg = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, steps=20, checkpoint_every=3, val_every=1000)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 7.*last good checkpoint \(step 6\)"):
+        for _ in train_steps(samples, tmp_path / "run", cfg):
+            pass
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_diverging_weights_are_never_checkpointed(tmp_path):
+    pairs = synthetic_cells(2, (64, 64), seed=1)
+    samples = [make_sample(im, lab, name=str(i)) for i, (im, lab) in enumerate(pairs)]
+    cfg = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, steps=20, checkpoint_every=1, lr=1e38,
+                             optimizer="sgd", warmup=1, val_every=1000)  # fmt: skip
+    with pytest.raises(TrainingError, match="non-finite|loss became"):
+        for _ in train_steps(samples, tmp_path / "run", cfg):
+            pass
+    if (tmp_path / "run" / "checkpoint.pt").exists():
+        state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize(
+    "setup,match",
+    [("empty", "empty data set"), ("mismatch", "does not match"), ("unwritable", "cannot be written")],
+)
+def test_bad_data_fails_before_the_first_step(tmp_path, setup, match):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    run = tmp_path / "run"
+    if setup != "empty":
+        tifffile.imwrite(data / "images" / "a.tif", np.zeros((32, 32), np.uint8))
+        tifffile.imwrite(data / "labels" / "a.tif", np.zeros((32, 30 if setup == "mismatch" else 32), np.uint16))
+    if setup == "unwritable":
+        run.write_text("a file where the run folder should be")
+    out = subprocess.run(_biounet("train", str(data), "-o", str(run), "--steps", "1", "--no-progress"),
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1 and match in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this Python")
+    data = _write_synthetic(tmp_path / "data")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "biounet", "-q", "train", str(data),
+           "-o", str(run), "--preset", "fast", "--steps", "6", *TINY, "--no-progress"]  # fmt: skip
+    subprocess.run(cmd, check=True, timeout=300, env=env)
+    report = json.loads((run / "ddp.json").read_text())
+    assert report["world_size"] == 2 and report["replicas_identical"]
+    assert report["checksums"][0] == report["checksums"][1]
+    for name in ["log.csv", "checkpoint.pt", "curves.png", "last/weights.safetensors", "best/config.json"]:
+        assert (run / name).is_file(), name
