@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/biounet demo -o demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not very_slow"
+	$(PY) -m pytest -q -m "not extended"
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

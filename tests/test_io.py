@@ -130,3 +130,13 @@ def test_overlay_and_png(tmp_path):
     assert read_image(tmp_path / "o.png").shape == (20, 30, 3)
     with pytest.raises(ValueError, match="uint8"):
         write_png(tmp_path / "bad.png", image)
+
+
+def test_atomic_write_gives_usual_permissions(tmp_path):
+    import os
+
+    with atomic_write(tmp_path / "p.txt") as tmp:
+        tmp.write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "p.txt").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -32,6 +32,19 @@ _EXPORTS: dict[str, str] = {
     "write_tiff": "io",
     "write_png": "io",
     "normalize_percentile": "io",
+    # data
+    "Sample": "datasets",
+    "LabelFormat": "datasets",
+    "INSTANCE_LABELS": "datasets",
+    "ISBI_MEMBRANES": "datasets",
+    "load_dataset": "datasets",
+    "make_sample": "datasets",
+    "TileDataset": "datasets",
+    "synthetic_cells": "datasets",
+    # training
+    "TrainConfig": "train",
+    "train": "train",
+    "weighted_cross_entropy": "losses",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -51,7 +64,19 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from biounet.datasets import (
+        INSTANCE_LABELS,
+        ISBI_MEMBRANES,
+        LabelFormat,
+        Sample,
+        TileDataset,
+        load_dataset,
+        make_sample,
+        synthetic_cells,
+    )
     from biounet.inference import predict_files
     from biounet.io import normalize_percentile, read_image, write_png, write_tiff
     from biounet.model import ModelInfo, UNet, UNetConfig, available_models, load_model
+    from biounet.losses import weighted_cross_entropy
     from biounet.tiling import mirror_pad, plan_tiles, predict, predict_steps, tiling_efficiency
+    from biounet.train import TrainConfig, train

@@ -253,9 +253,10 @@ def train_steps(
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device_.index] if device_.type == "cuda" else None)
     forward = torch.compile(net) if config.compile else net
 
-    # ---- data: tiles the size of the input, so labels can be warped with the image ------------
+    # ---- data: labels and weights the size of the input, so they can be warped with the image --
     tiles = TileDataset(
-        samples, tile_in, tile_in, length=config.steps * config.batch_size, seed=config.seed * 1000 + rank,
+        samples, tile_in, tile_out, targets="input", length=config.steps * config.batch_size,
+        seed=config.seed * 1000 + rank,
         normalization=config.normalization,
         weight_fn=lambda labels: weight_map(labels, w0=config.w0, sigma=config.sigma),
     )  # fmt: skip
