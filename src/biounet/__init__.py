@@ -1,7 +1,7 @@
 """biounet: U-Net (Ronneberger, Fischer & Brox, 2015) for microscopy image segmentation.
 
 The public API is flat: ``biounet.UNet``, ``biounet.predict``, ``biounet.load_model`` ...
-Names are imported lazily (PEP 562, as scikit-image does), so ``import biounet`` and the
+Training is ``biounet.train.train`` (the submodule keeps its name). Names are imported lazily (PEP 562, as scikit-image does), so ``import biounet`` and the
 ``biounet`` command answer instantly and torch is loaded only when a name needs it.
 """
 
@@ -43,7 +43,6 @@ _EXPORTS: dict[str, str] = {
     "synthetic_cells": "datasets",
     # training
     "TrainConfig": "train",
-    "train": "train",
     "weighted_cross_entropy": "losses",
 }
 
@@ -79,4 +78,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from biounet.model import ModelInfo, UNet, UNetConfig, available_models, load_model
     from biounet.losses import weighted_cross_entropy
     from biounet.tiling import mirror_pad, plan_tiles, predict, predict_steps, tiling_efficiency
-    from biounet.train import TrainConfig, train
+    from biounet.train import TrainConfig

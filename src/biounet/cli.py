@@ -186,12 +186,61 @@ def _cmd_show_weights(args: argparse.Namespace) -> int:
 # evaluate (issue 5)
 # --------------------------------------------------------------------------------------------
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="score predictions against ground truth (ISBI 2012, CTC, object F1)")
+    p = sub.add_parser(
+        "evaluate",
+        help="score predictions against ground truth (ISBI 2012, CTC, object F1)",
+        description="Score predictions against ground truth. PRED are probability maps (float TIFF; the "
+        "(C, H, W) maps of 'biounet predict' give class 1, the cells) or label images; GT are label "
+        "images (instances, or binary masks such as the ISBI labels, nonzero = cell). Folders stand for "
+        "their images. Files pair by name: lower case, without extension, without endings such as "
+        "_probabilities, _labels, _mask, _pred, _gt, and without the CTC prefixes man_seg/mask "
+        "(a_probabilities.tif pairs with a.png, mask007.tif with man_seg007.tif).",
+    )
+    p.add_argument("pred", nargs="+", metavar="PRED", help="prediction files or folders")
+    p.add_argument("--gt", nargs="+", required=True, metavar="GT", help="ground-truth files or folders")
+    p.add_argument(
+        "--metrics", choices=("isbi", "cells", "all"), default="all",
+        help="isbi: V_rand, V_info, pixel and warping error (Fiji's ISBI 2012 evaluation); cells: IoU, "
+        "Dice, CTC SEG, object AP/F1 (DSB 2018); default all",
+    )
+    p.add_argument("-o", "--output", metavar="REPORT", help="write the scores to a .csv or .json file")
+    p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold for cell instances (0.5)")
+    p.add_argument(
+        "--split", choices=("none", "distance", "probability"), default="none",
+        help="separate touching cells of probability maps by a seeded watershed (default none)",
+    )
+    p.add_argument("--min-size", type=int, default=0, help="drop predicted cells below this many pixels (0)")
+    p.add_argument("--no-warping", action="store_true", help="skip the warping error (the slowest ISBI score)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from pathlib import Path
+
+    from biounet.metrics import evaluate_files, mean_row, pair_files, write_report
+
+    if args.output and not args.output.lower().endswith((".csv", ".json")):
+        raise ValueError(f"{args.output}: the report must be a .csv or .json file")
+    pairs = pair_files(args.pred, args.gt)
+    rows = evaluate_files(
+        pairs, metrics=args.metrics, threshold=args.threshold, split=args.split, min_size=args.min_size,
+        warping=not args.no_warping, progress=not args.no_progress,
+    )
+    shown = [
+        k for k in ("v_rand", "v_info", "rand_error", "pixel_error", "warping_error", "splits_mergers_error",
+                    "iou", "dice", "seg", "ap50", "map", "f1_50")
+        if k in rows[0]
+    ]
+    table = [[Path(str(r["prediction"])).name] + [f"{r[k]:.4f}" for k in shown] for r in [*rows, mean_row(rows)]]
+    header = ["prediction", *shown]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    for line in [header, *table]:
+        sys.stdout.write("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        sys.stdout.write("\n")
+    if args.output:
+        log.info("wrote %s", write_report(args.output, rows))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
