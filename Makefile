@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first: the local CPU wheel; a bare `pip install torch` would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test,bench]"
+	# elasticdeform's wheels are built against NumPy 1.x: rebuild it from source for NumPy 2 when needed
+	$(PY) -c "import elasticdeform" 2>/dev/null || $(PY) -m pip install -q --force-reinstall --no-deps \
+		--no-build-isolation --no-binary elasticdeform "elasticdeform==0.5.1"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -189,3 +189,13 @@ def test_loading_never_unpickles(tmp_path):
     header_len = int.from_bytes(data[:8], "little")
     assert data[8 : 8 + header_len].lstrip().startswith(b"{")  # safetensors: JSON header
     assert np.frombuffer(data[:8], "<u8")[0] == header_len
+
+
+def test_public_api_names_resolve_and_do_not_shadow_modules():
+    import importlib
+
+    import biounet
+
+    for name in biounet.__all__:
+        assert getattr(biounet, name) is not None, name
+        assert importlib.util.find_spec(f"biounet.{name}") is None, f"{name} is also a submodule"

@@ -41,6 +41,12 @@ _EXPORTS: dict[str, str] = {
     "make_sample": "datasets",
     "TileDataset": "datasets",
     "synthetic_cells": "datasets",
+    # weight maps and augmentation
+    "weight_map": "weights",
+    "binary_to_instances": "weights",
+    "class_frequencies": "weights",
+    "AugmentConfig": "augment",
+    "augment_batch": "augment",
     # training
     "TrainConfig": "train",
     "weighted_cross_entropy": "losses",
@@ -63,6 +69,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from biounet.augment import AugmentConfig, augment_batch
     from biounet.datasets import (
         INSTANCE_LABELS,
         ISBI_MEMBRANES,
@@ -79,3 +86,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from biounet.losses import weighted_cross_entropy
     from biounet.tiling import mirror_pad, plan_tiles, predict, predict_steps, tiling_efficiency
     from biounet.train import TrainConfig
+    from biounet.weights import binary_to_instances, class_frequencies, weight_map
