@@ -534,3 +534,39 @@ def test_dsb2018_real_data_loads_and_weight_maps():
         assert np.ptp(w[s.labels > 0]) == 0  # cells get their class weight only
         separated += np.ptp(w[s.labels == 0]) > 1  # a border term between nuclei closer than ~28 px
     assert separated >= 100  # 107 of the 120 images have nuclei close enough
+
+
+def test_separate_touching_draws_a_line_that_splits_4_connected_components():
+    from scipy import ndimage
+
+    from biounet.datasets import separate_touching
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = ndimage.zoom(rng.integers(0, 6, size=(6, 6)), 5, order=0).astype(np.int32)
+        before = labels.copy()
+        out = separate_touching(labels)
+        assert np.array_equal(labels, before)  # the input is not modified
+        # independent check: no two 4-adjacent foreground pixels of out belong to different objects
+        for axis in (0, 1):
+            a, b = np.moveaxis(out, axis, 0)[:-1], np.moveaxis(out, axis, 0)[1:]
+            assert not np.any((a > 0) & (b > 0) & (a != b))
+        # each object loses only pixels on its border with a lower-numbered object
+        lost = (labels > 0) & (out == 0)
+        others = np.where(labels > 0, labels, 10**6)
+        lowest = ndimage.minimum_filter(others, footprint=ndimage.generate_binary_structure(2, 1), mode="nearest")
+        assert np.all(lowest[lost] < labels[lost])
+        components, n = ndimage.label(out > 0)
+        assert n >= len(np.unique(out[out > 0]))
+
+
+def test_target_and_weights_use_the_separating_lines():
+    from biounet.datasets import make_sample
+
+    labels = np.zeros((10, 12), np.int32)
+    labels[2:8, 1:6] = 1
+    labels[2:8, 6:11] = 2  # touches object 1 along a vertical line
+    sample = make_sample(np.zeros((10, 12)), labels, name="two")
+    assert sample.target[2:8, 6].tolist() == [0] * 6  # the line is drawn in the higher-numbered object
+    assert sample.target[2:8, 5].tolist() == [1] * 6 and sample.target[2:8, 7].tolist() == [1] * 6
+    assert sample.n_instances == 2 and sample.labels[4, 6] == 2  # the instances themselves are kept

@@ -41,6 +41,15 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
     p.add_argument("--channel-axis", type=int, help="axis of the input holding the channels (else read from the file)")
     p.add_argument(
+        "--chunk", type=int, metavar="PX",
+        help="stream every input chunk by chunk (PX output pixels per axis, e.g. 2048) into OME-Zarr outputs; "
+        "Zarr/OME-Zarr inputs and TIFFs over 8192x8192 px are always streamed",
+    )  # fmt: skip
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS",
+        help="stream on a dask.distributed cluster, e.g. tcp://10.0.0.5:8786 (workers must see the files)",
+    )  # fmt: skip
+    p.add_argument(
         "--save", default="probabilities,labels", help=f"comma-separated outputs among {','.join(PREDICT_OUTPUTS)}"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -60,6 +69,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     unknown = sorted(set(save) - set(PREDICT_OUTPUTS))
     if unknown or not save:
         raise ValueError(f"--save: unknown output(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(PREDICT_OUTPUTS)}")
+    if args.chunk is not None and args.chunk < 1:
+        raise ValueError(f"--chunk must be a positive number of pixels, got {args.chunk}")
     report = predict_files(
         model,
         [Path(p) for p in paths],
@@ -71,6 +82,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         precision=args.precision,
         tta=args.tta,
         channel_axis=args.channel_axis,
+        chunk=args.chunk,
+        scheduler=args.scheduler,
         progress=not args.no_progress,
         debug=args.debug,
     )
@@ -232,12 +245,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                     "iou", "dice", "seg", "ap50", "map", "f1_50")
         if k in rows[0]
     ]
-    table = [[Path(str(r["prediction"])).name] + [f"{r[k]:.4f}" for k in shown] for r in [*rows, mean_row(rows)]]
-    header = ["prediction", *shown]
-    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
-    for line in [header, *table]:
-        sys.stdout.write("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
-        sys.stdout.write("\n")
+    lines = [["prediction", *shown]]
+    lines += [[Path(str(r["prediction"])).name, *(f"{r[k]:.4f}" for k in shown)] for r in [*rows, mean_row(rows)]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
+        sys.stdout.write("  ".join(cells) + "\n")
     if args.output:
         log.info("wrote %s", write_report(args.output, rows))
     return 0

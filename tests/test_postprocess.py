@@ -1,0 +1,125 @@
+"""Tests of biounet.postprocess.probabilities_to_labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from biounet.postprocess import probabilities_to_labels
+
+
+def disks(centres, radius, shape=(40, 64)) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return np.any([(yy - cy) ** 2 + (xx - cx) ** 2 < radius**2 for cy, cx in centres], axis=0)
+
+
+def two_touching() -> np.ndarray:
+    """Two disks of radius 10 whose centres are 17 px apart: one blob with a neck at x = 26.5.
+
+    Their distance maxima are 10 px, the neck's saddle 6 px: a dynamic of 4 px."""
+    return np.where(disks([(20, 18), (20, 35)], 10), 0.95, 0.05).astype(np.float32)
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(pairs[0]) == len(np.unique(a)) == len(np.unique(b))
+
+
+def test_threshold_and_components_match_a_plain_labelling():
+    rng = np.random.default_rng(0)
+    prob = ndimage.gaussian_filter(rng.random((50, 60)), 2)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    labels = probabilities_to_labels(prob, threshold=0.6)
+    assert labels.dtype == np.int32
+    assert same_partition(labels, ndimage.label(prob > 0.6)[0])
+    np.testing.assert_array_equal(np.unique(labels), np.arange(labels.max() + 1))  # 0, 1..N
+
+
+def test_connectivity_one_keeps_diagonal_neighbours_apart():
+    prob = np.zeros((4, 4))
+    prob[1, 1] = prob[2, 2] = 1.0
+    assert probabilities_to_labels(prob).max() == 2
+    assert probabilities_to_labels(prob, connectivity=2).max() == 1
+
+
+def test_distance_split_cuts_two_touching_disks_at_the_neck():
+    prob = two_touching()
+    assert probabilities_to_labels(prob).max() == 1
+    labels = probabilities_to_labels(prob, split="distance")
+    assert labels.max() == 2
+    np.testing.assert_array_equal(labels > 0, prob > 0.5)  # the watershed only divides
+    left, right = labels[20, 12], labels[20, 41]
+    assert left != right and {left, right} == {1, 2}
+    assert (labels[:, :26] != right).all() and (labels[:, 28:] != left).all()  # the cut is at the neck
+
+
+def test_distance_split_needs_a_deep_enough_neck():
+    prob = two_touching()  # the maxima rise 4 px above the saddle between them
+    assert probabilities_to_labels(prob, split="distance", min_seed_height=3.0).max() == 2
+    assert probabilities_to_labels(prob, split="distance", min_seed_height=5.0).max() == 1
+
+
+def test_probability_split_follows_the_valley_between_cores():
+    blob = disks([(20, 18), (20, 36)], 8).astype(float)
+    prob = ndimage.gaussian_filter(blob, 2.5)  # the two blurred disks join above 0.2
+    assert probabilities_to_labels(prob, threshold=0.2).max() == 1
+    labels = probabilities_to_labels(prob, threshold=0.2, split="probability", seed_threshold=0.8)
+    assert labels.max() == 2 and labels[20, 18] != labels[20, 36]
+    assert labels[20, 26] == labels[20, 18] and labels[20, 28] == labels[20, 36]  # valley at x = 27
+
+
+def test_unseeded_objects_keep_a_label():
+    prob = np.zeros((20, 30))
+    prob[5:15, 2:12] = 0.95  # a core above the seed threshold
+    prob[8:10, 20:22] = 0.6  # a faint object without any seed
+    labels = probabilities_to_labels(prob, split="probability", seed_threshold=0.9)
+    assert labels.max() == 2 and labels[9, 21] > 0 and labels[9, 21] != labels[9, 6]
+
+
+def test_min_size_removes_small_objects_and_renumbers():
+    prob = np.zeros((10, 20))
+    prob[1:4, 1:4] = 1.0  # 9 px
+    prob[6, 6] = 1.0  # 1 px
+    prob[1:6, 10:16] = 1.0  # 30 px
+    labels = probabilities_to_labels(prob, min_size=9)
+    np.testing.assert_array_equal(np.bincount(labels.ravel())[1:], [9, 30])
+    assert probabilities_to_labels(prob, min_size=31).max() == 0
+
+
+def test_three_dimensional_maps():
+    prob = np.zeros((6, 8, 8))
+    prob[1:3, 1:3, 1:3] = 0.9
+    prob[4:6, 5:7, 5:7] = 0.9
+    assert probabilities_to_labels(prob).max() == 2
+    assert probabilities_to_labels(prob, split="distance", min_seed_height=0.5).max() == 2
+
+
+def test_input_is_not_modified():
+    prob = two_touching()
+    copy = prob.copy()
+    probabilities_to_labels(prob, split="distance", min_size=5)
+    np.testing.assert_array_equal(prob, copy)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"threshold": 1.0}, "threshold must be in"),
+        ({"split": "bogus"}, "split must be"),
+        ({"split": "probability", "seed_threshold": 0.4}, r"seed_threshold must be in \(threshold=0.5, 1\)"),
+        ({"split": "distance", "min_seed_height": 0}, "min_seed_height must be > 0"),
+        ({"min_size": -1}, "min_size must be >= 0"),
+        ({"connectivity": 3}, r"connectivity must be in 1..2"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        probabilities_to_labels(np.zeros((4, 4)), **kwargs)
+
+
+def test_invalid_maps():
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        probabilities_to_labels(np.full((4, 4), 1.5))
+    with pytest.raises(ValueError, match=r"2D or 3D array, got float64 with shape \(4,\)"):
+        probabilities_to_labels(np.zeros(4))
