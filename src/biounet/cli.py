@@ -231,10 +231,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from biounet.metrics import evaluate_files, mean_row, pair_files, write_report
+    from biounet.evaluation import check_report_path, evaluate_files, mean_row, pair_files, write_report
 
-    if args.output and not args.output.lower().endswith((".csv", ".json")):
-        raise ValueError(f"{args.output}: the report must be a .csv or .json file")
+    if args.output:
+        check_report_path(args.output)
     pairs = pair_files(args.pred, args.gt)
     rows = evaluate_files(
         pairs, metrics=args.metrics, threshold=args.threshold, split=args.split, min_size=args.min_size,
