@@ -128,3 +128,20 @@ def test_write_report_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["images"] == rows and data["mean"]["seg"] == 0.75
     assert not [p for p in tmp_path.iterdir() if p.name != "r.json"]  # no temporary file left
+
+
+def test_stack_probabilities_from_predict_are_read_on_their_class_axis(tmp_path):
+    """``biounet predict`` writes stacks as (Z, C, Y, X): evaluate must take C = 1, not Z = 1."""
+    import tifffile
+
+    from biounet.evaluation import evaluate_files
+    from biounet.io import write_tiff
+
+    gt = np.zeros((2, 16, 16), np.uint16)
+    gt[0, 2:8, 2:8] = 1
+    gt[1, 8:14, 3:12] = 1
+    prob = np.stack([1.0 - (gt > 0), (gt > 0).astype(float)], axis=1)  # (Z, C, Y, X), a perfect prediction
+    write_tiff(tmp_path / "s_probabilities.tif", prob, axes="ZCYX")
+    tifffile.imwrite(tmp_path / "s.tif", gt)
+    (row,) = evaluate_files([(tmp_path / "s_probabilities.tif", tmp_path / "s.tif")], metrics="cells", progress=False)
+    assert row["iou"] == 1.0

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from skimage.measure import label as label_components
 
-from biounet.io import IMAGE_SUFFIXES, PathLike, atomic_write, read_image
+from biounet.io import IMAGE_SUFFIXES, PathLike, atomic_write, read_image, read_image_axes
 from biounet.metrics import dice_per_class, iou_per_class, isbi_scores, match_objects, seg_score
 from biounet.postprocess import Split, probabilities_to_labels
 
@@ -133,10 +133,11 @@ def _read_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray]:
     gt = read_image(gt_path)
     if gt.dtype.kind not in "biu":
         raise ValueError(f"{gt_path}: ground truth must hold integer labels, not {gt.dtype}")
-    pred = read_image(pred_path)
+    pred, axes = read_image_axes(pred_path)
     if pred.dtype.kind == "f":
-        if pred.ndim == gt.ndim + 1:  # classes first, as written by ``biounet predict``
-            pred = pred[1] if pred.shape[0] > 1 else pred[0]
+        if pred.ndim == gt.ndim + 1:  # a class axis, as written by ``biounet predict`` (CYX, ZCYX)
+            axis = axes.index("C") if "C" in axes else 0  # .npy files store no axes: classes first
+            pred = np.take(pred, 1 if pred.shape[axis] > 1 else 0, axis=axis)
         pred = pred.astype(np.float32)
         if not np.isfinite(pred).all() or pred.min() < 0 or pred.max() > 1:
             raise ValueError(f"{pred_path}: a float prediction must hold probabilities in [0, 1]")
