@@ -62,7 +62,7 @@ def run_demo(
     t0 = time.perf_counter()
     prob = predict(model, image, tile=tile, progress=progress)
     predict_seconds = time.perf_counter() - t0
-    labels = labels_from_probabilities(prob)
+    labels = labels_from_probabilities(prob, **model.info.postprocess)
     iou = float(iou_per_class(truth > 0, prob[1] > 0.5, num_classes=2)[1])
     f1 = float(match_objects(truth, labels, thresholds=(0.5,)).f1[0])
     files = (

@@ -189,18 +189,23 @@ class ModelInfo:
         :func:`biounet.io.normalize_percentile`); None if inputs are used as they are.
     class_names : tuple of str
         One name per output class (``("background", "cell")`` by default).
+    postprocess : dict
+        Keyword arguments of :func:`biounet.postprocess.probabilities_to_labels` that turn
+        this model's probabilities into instances (e.g. ``{"split": "distance"}``).
     provenance : dict
         Free-form facts: data set, recipe, scores, biounet version, date.
     """
 
     normalization: tuple[float, float] | None = (1.0, 99.8)
     class_names: tuple[str, ...] = ("background", "cell")
+    postprocess: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "normalization": list(self.normalization) if self.normalization else None,
             "class_names": list(self.class_names),
+            "postprocess": dict(self.postprocess),
             "provenance": dict(self.provenance),
         }
 
@@ -210,6 +215,7 @@ class ModelInfo:
         return cls(
             normalization=(float(norm[0]), float(norm[1])) if norm else None,
             class_names=tuple(data.get("class_names", ("background", "cell"))),
+            postprocess=dict(data.get("postprocess", {})),
             provenance=dict(data.get("provenance", {})),
         )
 
