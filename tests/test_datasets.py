@@ -528,7 +528,8 @@ def test_dsb2018_real_data_loads_and_weight_maps():
         assert s.image.dtype == np.uint8 and s.image.ndim == (3 if row["category"] == "color_HE" else 2)
         assert s.n_instances == int(row["n_instances"])
         np.testing.assert_array_equal(s.labels, read_image(s.label_path))  # already 1..N
-        assert round(float(s.target.mean()), 3) == pytest.approx(float(row["foreground_fraction"]), abs=1e-9)
+        assert round(float((s.labels > 0).mean()), 3) == pytest.approx(float(row["foreground_fraction"]), abs=1e-9)
+        assert np.all(s.target <= (s.labels > 0))  # the target only loses the lines between touching nuclei
         w = weight_map(s.labels)
         assert w.shape == s.labels.shape and np.isfinite(w).all() and w.min() > 0
         assert np.ptp(w[s.labels > 0]) == 0  # cells get their class weight only
