@@ -240,6 +240,8 @@ def train_steps(
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
+    elif device_.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one tile size throughout: let cuDNN pick its fastest kernels
 
     # ---- model, optimiser, schedule ------------------------------------------------------
     info = ModelInfo(normalization=config.normalization, class_names=("background", "cell"),
