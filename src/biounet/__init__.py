@@ -26,6 +26,13 @@ _EXPORTS: dict[str, str] = {
     "plan_tiles": "tiling",
     "tiling_efficiency": "tiling",
     "mirror_pad": "tiling",
+    "chunk_context": "tiling",
+    # out of core
+    "predict_dask": "largeimage",
+    "predict_to_zarr": "largeimage",
+    "open_image": "largeimage",
+    "label_chunked": "largeimage",
+    "intensity_percentiles": "largeimage",
     # files
     "predict_files": "inference",
     "read_image": "io",
@@ -83,7 +90,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from biounet.inference import predict_files
     from biounet.io import normalize_percentile, read_image, write_png, write_tiff
     from biounet.model import ModelInfo, UNet, UNetConfig, available_models, load_model
+    from biounet.largeimage import intensity_percentiles, label_chunked, open_image, predict_dask, predict_to_zarr
     from biounet.losses import weighted_cross_entropy
-    from biounet.tiling import mirror_pad, plan_tiles, predict, predict_steps, tiling_efficiency
+    from biounet.tiling import chunk_context, mirror_pad, plan_tiles, predict, predict_steps, tiling_efficiency
     from biounet.train import TrainConfig
     from biounet.weights import binary_to_instances, class_frequencies, weight_map

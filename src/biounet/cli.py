@@ -57,8 +57,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
+    # Idle OpenMP threads sleep rather than spin (read when torch loads): up to 4x faster on a
+    # shared 2-core machine, never slower there (docs/benchmarks.md, "CPU tiling").
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from biounet.inference import predict_files
 
     paths = list(args.paths)

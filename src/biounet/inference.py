@@ -3,16 +3,24 @@
 This is what ``biounet predict`` runs. Each input is processed on its own: a file that
 fails (unreadable, wrong channel count, NaN pixels ...) is reported with one line naming it
 and the problem, and the other inputs are still segmented. Outputs are written atomically.
+
+Zarr and OME-Zarr inputs, TIFFs of more than :data:`STREAM_ABOVE_PIXELS` pixels, and every
+input when a chunk size or a Dask scheduler is given are *streamed*: read, predicted and
+written chunk by chunk (:mod:`biounet.largeimage`, needs the ``large`` extra), into
+OME-Zarr outputs. Other inputs are read whole and give TIFF outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +32,11 @@ log = logging.getLogger(__name__)
 
 #: Axis letters tifffile uses for channels.
 CHANNEL_LETTERS = "CS"
+#: Files that mark a folder as a Zarr array or group (v3, v2 array, v2 group).
+ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+#: TIFF inputs with more pixels than this are streamed (2**26: 8192 x 8192); the in-memory
+#: path needs about 26 bytes per pixel for a 2-class model (docs/benchmarks.md).
+STREAM_ABOVE_PIXELS = 2**26
 
 
 @dataclass
@@ -52,12 +65,43 @@ def channel_axis_of(axes: str, shape: tuple[int, ...], model: UNet, channel_axis
     return channel_axis
 
 
-def labels_from_probabilities(prob: np.ndarray) -> np.ndarray:
-    """Instance labels (2 classes) or the arg-max class map (more classes) of (C, *spatial) probabilities."""
+def is_zarr(path: str | Path) -> bool:
+    """Whether ``path`` is a Zarr (v2 or v3) array or group on disk."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in ZARR_MARKERS)
+
+
+def model_items_of(
+    image: np.ndarray, axes: str, model: UNet, channel_axis: int | None
+) -> tuple[np.ndarray, tuple[int, ...], str]:
+    """Arrange a file's pixels as (items, channels, *spatial) for ``model``.
+
+    Returns the items, the shape of the stack axes (empty for a single image) and their
+    letters. Works on numpy and dask arrays alike (a dask array stays lazy).
+    """
+    channel_axis = channel_axis_of(axes, image.shape, model, channel_axis)
+    spatial_dims = model.config.dims
+    if channel_axis is None:
+        image = np.expand_dims(image, -1 - spatial_dims)  # a channel axis of length 1
+    else:
+        image = np.moveaxis(image, channel_axis, -1 - spatial_dims)
+        axes = axes[: channel_axis % len(axes)] + axes[channel_axis % len(axes) + 1 :]
+    stack_shape = tuple(image.shape[: -1 - spatial_dims])
+    items = image.reshape(-1, *image.shape[-1 - spatial_dims :])
+    return items, stack_shape, axes[: len(stack_shape)]
+
+
+def labels_from_probabilities(prob: np.ndarray, **postprocess: Any) -> np.ndarray:
+    """Instance labels (2 classes) or the arg-max class map (more classes) of (C, *spatial) probabilities.
+
+    For 2 classes the foreground probability goes through
+    :func:`biounet.postprocess.probabilities_to_labels` with ``postprocess`` (a model carries
+    its own in ``model.info.postprocess``, e.g. ``{"split": "distance"}``).
+    """
     if prob.shape[0] == 2:
         from biounet.postprocess import probabilities_to_labels
 
-        return probabilities_to_labels(prob[1])
+        return probabilities_to_labels(prob[1], **postprocess)
     return np.argmax(prob, axis=0).astype(np.uint16)
 
 
@@ -73,6 +117,8 @@ def predict_files(
     precision: Precision = "float32",
     tta: bool = False,
     channel_axis: int | None = None,
+    chunk: int | None = None,
+    scheduler: str | None = None,
     progress: bool = True,
     debug: bool = False,
 ) -> PredictReport:
@@ -83,15 +129,23 @@ def predict_files(
     model : UNet or path or name
         A loaded model, a model folder, or a shipped model's name.
     inputs : sequence of Path
-        Image files (TIFF, PNG, JPEG, ``.npy``). Stacks are segmented slice by slice.
+        Image files (TIFF, PNG, JPEG, ``.npy``), Zarr arrays and OME-Zarr images (the first
+        multiscale level). Stacks are segmented slice by slice.
     output : Path
         Output folder, created if missing; must be writable (checked before any work).
     save : sequence of {"probabilities", "labels", "overlay"}
         ``probabilities``: float32 TIFF, classes on the axis before Y, X. ``labels``: uint16
         TIFF of instances (2-class models) or classes. ``overlay``: PNG of the labels over
-        the image (2D inputs).
+        the image (2D inputs). Streamed inputs give ``<stem>_probabilities.ome.zarr`` and
+        ``<stem>_labels.ome.zarr`` (see :func:`biounet.largeimage.predict_to_zarr`)
+        and no overlay.
     tile, batch_size, device, precision, tta, channel_axis, progress
-        See :func:`biounet.predict`.
+        See :func:`biounet.predict`. ``tta`` is not available for streamed inputs.
+    chunk : int, optional
+        Stream every input with output chunks of this many pixels per axis.
+    scheduler : str, optional
+        Address of a ``dask.distributed`` scheduler (e.g. ``tcp://10.0.0.5:8786``): stream
+        every input on that cluster. Its workers must see the input and output paths.
     debug : bool
         Log the traceback of each failure.
     """
@@ -110,19 +164,23 @@ def predict_files(
         raise ValueError(f"{output}: output folder cannot be written: {exc.strerror or exc}") from exc
 
     report = PredictReport()
-    for path in tqdm(inputs, desc="images", unit="image", disable=not progress or len(inputs) < 2):
-        path = Path(path)
-        try:
-            report.written[str(path)] = _predict_one(
-                model, path, output, save=save, tile=tile, batch_size=batch_size, device=device,
-                precision=precision, tta=tta, channel_axis=channel_axis, progress=progress,
-            )
-        except (ValueError, OSError, RuntimeError) as exc:
-            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            report.failed[str(path)] = message
-            log.error("error: %s", message)
-            if debug:
-                log.error("%s", traceback.format_exc())
+    with contextlib.ExitStack() as stack:
+        if scheduler:
+            stack.enter_context(_dask_client(scheduler))
+        for path in tqdm(inputs, desc="images", unit="image", disable=not progress or len(inputs) < 2):
+            path = Path(path)
+            try:
+                report.written[str(path)] = _predict_one(
+                    model, path, output, save=save, tile=tile, batch_size=batch_size, device=device,
+                    precision=precision, tta=tta, channel_axis=channel_axis, progress=progress,
+                    stream=chunk is not None or scheduler is not None, chunk=chunk,
+                )
+            except (ValueError, OSError, RuntimeError) as exc:
+                message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+                report.failed[str(path)] = message
+                log.error("error: %s", message)
+                if debug:
+                    log.error("%s", traceback.format_exc())
     report.seconds = time.perf_counter() - started
     log.info(
         "segmented %d of %d image(s) in %.1f s -> %s", len(report.written), len(inputs), report.seconds, output
@@ -132,21 +190,44 @@ def predict_files(
     return report
 
 
+@contextlib.contextmanager
+def _dask_client(address: str) -> Iterator[object]:
+    """A ``dask.distributed`` client connected to ``address``, the default scheduler while open."""
+    try:
+        from distributed import Client
+    except ImportError as exc:
+        raise ValueError("--scheduler needs dask.distributed: pip install 'biounet[large]'") from exc
+    try:
+        client = Client(address)
+    except (OSError, TimeoutError) as exc:
+        raise ValueError(f"scheduler {address}: cannot connect ({exc})") from exc
+    log.info("computing on the Dask cluster at %s (%d workers)", address, len(client.scheduler_info()["workers"]))
+    with client:
+        yield client
+
+
+def _is_large_tiff(path: Path) -> bool:
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.series) and math.prod(tif.series[0].shape) > STREAM_ABOVE_PIXELS
+    except Exception:  # an unreadable file is reported by the in-memory reader
+        return False
+
+
 def _predict_one(
-    model: UNet, path: Path, output: Path, *, save: Sequence[str], channel_axis: int | None, **kwargs
-) -> list[Path]:
+    model: UNet, path: Path, output: Path, *, save: Sequence[str], channel_axis: int | None, stream: bool,
+    chunk: int | None, **kwargs,
+) -> list[Path]:  # fmt: skip
+    if stream or is_zarr(path) or _is_large_tiff(path):
+        return _predict_streamed(model, path, output, save=save, channel_axis=channel_axis, chunk=chunk, **kwargs)
     image, axes = read_image_axes(path)
-    channel_axis = channel_axis_of(axes, image.shape, model, channel_axis)
     spatial_dims = model.config.dims
-    if channel_axis is None:
-        image = np.expand_dims(image, -1 - spatial_dims)  # a channel axis of length 1
-    else:
-        image = np.moveaxis(image, channel_axis, -1 - spatial_dims)
-    stack_shape = image.shape[: -1 - spatial_dims]
-    flat = image.reshape(-1, *image.shape[-1 - spatial_dims :])
-    if not stack_shape:
-        flat = flat[0]
-    prob = predict(model, flat, channel_axis=0 if not stack_shape else 1, **kwargs)
+    items, stack_shape, _ = model_items_of(image, axes, model, channel_axis)
+    prob = predict(model, items if stack_shape else items[0], channel_axis=1 if stack_shape else 0, **kwargs)
     prob = prob.reshape(*stack_shape, *prob.shape[-1 - spatial_dims :])
     written = []
     stem = path.stem
@@ -156,7 +237,7 @@ def _predict_one(
         written.append(write_tiff(output / f"{stem}_probabilities.tif", prob, axes=prob_axes))
     if "labels" in save or "overlay" in save:
         planes = prob.reshape(-1, *prob.shape[-1 - spatial_dims :])
-        labels = np.stack([labels_from_probabilities(p) for p in planes])
+        labels = np.stack([labels_from_probabilities(p, **model.info.postprocess) for p in planes])
         labels = labels.reshape(*stack_shape, *prob.shape[-spatial_dims:])
         if "labels" in save:
             written.append(write_tiff(output / f"{stem}_labels.tif", labels))
@@ -164,6 +245,32 @@ def _predict_one(
             if stack_shape or spatial_dims != 2:
                 log.warning("%s: overlay skipped (only for 2D images)", path)
             else:
-                written.append(write_png(output / f"{stem}_overlay.png", label_overlay(image.mean(axis=0), labels)))
+                written.append(write_png(output / f"{stem}_overlay.png", label_overlay(items[0].mean(axis=0), labels)))
+    log.info("%s -> %s", path, ", ".join(p.name for p in written))
+    return written
+
+
+def _predict_streamed(
+    model: UNet, path: Path, output: Path, *, save: Sequence[str], channel_axis: int | None, tta: bool,
+    **kwargs,
+) -> list[Path]:  # fmt: skip
+    """Predict one input chunk by chunk into OME-Zarr outputs (see :mod:`biounet.largeimage`)."""
+    try:
+        from biounet import largeimage
+    except ImportError as exc:
+        raise ValueError(f"{path}: streaming needs dask and zarr: pip install 'biounet[large]'") from exc
+    if tta:
+        raise ValueError(f"{path}: --tta is not available for streamed (chunked) prediction")
+    source = largeimage.open_image(path)
+    items, stack_shape, stack_axes = model_items_of(source.array, source.axes, model, channel_axis)
+    if len(stack_shape) > 1:
+        raise ValueError(f"{path}: streamed prediction takes at most one stack axis; the image has axes {source.axes}")
+    if "overlay" in save:
+        log.warning("%s: overlay skipped (not made for streamed images)", path)
+    stem = path.name.removesuffix(".zarr").removesuffix(".ome") if is_zarr(path) else path.stem
+    written = largeimage.predict_to_zarr(
+        model, items, output, stem, stack_axis=stack_axes or None, save=[s for s in save if s != "overlay"],
+        zarr_format=source.zarr_format or 2, scale=source.scale, **kwargs,
+    )  # fmt: skip
     log.info("%s -> %s", path, ", ".join(p.name for p in written))
     return written
