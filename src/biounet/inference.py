@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from biounet.io import label_overlay, read_image_axes, write_png, write_tiff
+from biounet.io import ensure_writable_folder, label_overlay, read_image_axes, write_png, write_tiff
 from biounet.model import UNet, load_model
 from biounet.tiling import Precision, predict
 
@@ -154,14 +154,7 @@ def predict_files(
     started = time.perf_counter()
     if not isinstance(model, UNet):
         model = load_model(model, device=device)
-    output = Path(output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".biounet-write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"{output}: output folder cannot be written: {exc.strerror or exc}") from exc
+    output = ensure_writable_folder(output)
 
     report = PredictReport()
     with contextlib.ExitStack() as stack:

@@ -59,6 +59,23 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
         raise
 
 
+def ensure_writable_folder(path: PathLike, what: str = "output folder") -> Path:
+    """Create folder ``path`` if needed and check that files can be written in it.
+
+    Raises one :class:`ValueError` naming the folder (``what`` says which one) otherwise, before
+    any work is done.
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".biounet-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{folder}: {what} cannot be written: {exc.strerror or exc}") from exc
+    return folder
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from biounet.io import atomic_write
+from biounet.io import atomic_write, ensure_writable_folder
 from biounet.losses import soft_dice_loss, weighted_cross_entropy
 from biounet.model import ModelInfo, UNet
 
@@ -422,13 +422,7 @@ def _names(samples: Sequence[Any]) -> list[str]:
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".biounet-write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"{run_dir}: run folder cannot be written: {exc.strerror or exc}") from exc
+    ensure_writable_folder(run_dir, "run folder")
     if not resume and (run_dir / CHECKPOINT).exists():
         raise ValueError(f"{run_dir}: holds a run already; use --resume to continue it or choose another folder")
 
