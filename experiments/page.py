@@ -1,0 +1,289 @@
+"""Markdown written by ``reproduce.py``: the results page and the model cards.
+
+Both are built from the records of the run (``results.json``), never from typed numbers;
+the only constants are the paper's published scores, labelled as such.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import (
+    ABLATIONS, DATASETS, EM_DIR, EM_METRICS, LABELS, N_FOLDS, NUCLEI_DIR, NUCLEI_METRICS, PAPER_EM, VARIANTS,
+    markdown_table, mean_spread, minutes,
+)  # fmt: skip
+
+EM_HEADER = ["model", "V_rand ↑", "V_info ↑", "Rand error ↓", "pixel error ↓", "warping error ↓"]
+NUCLEI_HEADER = ["model", "foreground IoU ↑", "SEG ↑", "F1 @ 0.5 ↑", "AP @ 0.5 ↑", "merged touching pairs ↓"]
+TITLES = {"em": "ISBI 2012 EM", "nuclei": "Nuclei"}
+
+
+def config_summary(config: dict[str, Any]) -> str:
+    """One line naming the fields of a ``TrainConfig`` (as a dict) that define a run."""
+    grid = config["elastic_grid"]
+    return (
+        f"width {config['base_channels']}, depth {config['depth']}, {config['padding']} padding, tile "
+        f"{config['tile']}, batch {config['batch_size']}, {config['optimizer']} lr {config['lr']} "
+        f"({config['schedule']}), {config['steps']} steps, w0 {config['w0']}, sigma {config['sigma']}, "
+        f"elastic std {config['elastic_std']} px on a {grid}x{grid} grid, post-processing split "
+        f"\"{config.get('split', 'none')}\""
+    )
+
+
+def em_row(label: str, records: Sequence[dict], run: str) -> list[str]:
+    """Label and mean ± std over folds of each EM metric; ``run`` is ``"plain"`` or ``"tta"``."""
+    return [label, *(mean_spread([r[run][m] for r in records], fmt) for m, (_, fmt) in EM_METRICS.items())]
+
+
+def nuclei_row(label: str, images: Sequence[dict]) -> list[str]:
+    """Label, mean ± std over images of each nuclei metric, and merged of touching pairs."""
+    cells = [mean_spread([i[m] for i in images], fmt) for m, (_, fmt) in NUCLEI_METRICS.items()]
+    touching, merged = sum(i["touching"] for i in images), sum(i["merged"] for i in images)
+    return [label, *cells, f"{merged} of {touching}"]
+
+
+def _records(value: dict | list) -> list[dict]:
+    return value if isinstance(value, list) else [value]
+
+
+# --------------------------------------------------------------------------------------------
+# Results page
+# --------------------------------------------------------------------------------------------
+def _header(results: dict[str, Any]) -> list[str]:
+    meta, hw = results["meta"], results["meta"]["hardware"]
+    lines = ["# Results: U-Net on real data", "",
+             "*This page is written by `experiments/reproduce.py`; nothing on it is typed by hand. "
+             "Rerun the command below to reproduce it.*", ""]  # fmt: skip
+    if meta["quick"]:
+        lines += [f"> **Smoke run (`--quick`)**: {meta['steps']} training steps on {meta['crop']} px crops. "
+                  "The numbers only show that the machinery runs end to end; they say nothing about U-Net.",
+                  ""]  # fmt: skip
+    elif meta["device"] == "cpu":
+        lines += [f"> **CPU-scale run.** `{meta['preset']}` preset, {meta['steps']} training steps per model, on a "
+                  "shared CPU; the paper trained for 10 hours on a GPU. These numbers show what this budget gives, "
+                  "not what U-Net can do, and differences between rows of this size may be noise.", ""]  # fmt: skip
+    gpu = f"; GPU {hw['gpu']}" if "gpu" in hw else ""
+    monai = f", MONAI {hw['monai']}" if "monai" in hw else ""
+    return lines + [
+        "## How these numbers were made", "",
+        f"- Command: `BIOUNET_DATA=<data folder> {meta['command']}`",
+        f"- Date: {meta['date']}. Wall-clock time, measured when each model was made: training "
+        f"{minutes(meta['train_seconds'])}, prediction and scoring {minutes(meta['score_seconds'])}. This "
+        f"invocation trained {meta['trained_now']} model(s) in {minutes(meta['wall_seconds'])} and reused "
+        f"{meta['reused']} from earlier invocations with identical settings.",
+        f"- Hardware: {hw['cpu']}; load average at start {hw['load']}{gpu}; device `{hw['device']}`",
+        f"- Software: Python {hw['python']}, torch {hw['torch']}{monai}",
+        f"- Recipe (`{meta['preset']}` preset + `configs/`): {config_summary(meta['config'])}",
+        "",
+    ]  # fmt: skip
+
+
+def _what_ran(results: dict[str, Any]) -> list[str]:
+    meta = results["meta"]
+    rows = []
+    for dataset in DATASETS:
+        for variant, value in results[dataset].items():
+            records = _records(value)
+            seconds = [r["train_seconds"] for r in records]
+            key = records[0]["key"]
+            where = (f"folds {', '.join(str(r['key']['fold']) for r in records)}" if dataset == "em"
+                     else f"{len(key['train'])} train / {len(key['test'])} validation images")  # fmt: skip
+            rows.append([TITLES[dataset], LABELS[variant], where, key["config"]["steps"],
+                         f"{records[0]['parameters']:,}", minutes(sum(seconds)),
+                         minutes(float(np.mean(seconds)))])  # fmt: skip
+    header = ["data", "model", "trained on", "steps", "parameters", "training time", "per model"]
+    lines = ["### What ran", "", markdown_table(header, rows), ""]
+    skipped = list(dict.fromkeys(name.rsplit("/fold", 1)[0] for name in meta["skipped"]))
+    if skipped:
+        lines += [f"Not run, because they would have ended after the `--time-limit` of {meta['time_limit']} min: "
+                  + ", ".join(f"`{s}`" for s in skipped) + ".", ""]  # fmt: skip
+    absent = [f"`{d}/{v}`" for d in DATASETS for v in VARIANTS if v not in results[d] and f"{d}/{v}" not in skipped]
+    if absent:
+        lines += ["Not selected in this run (see `--datasets` and `--variants`): " + ", ".join(absent) + ".", ""]
+    return lines
+
+
+def _em_section(records: list[dict], figure: str | None) -> list[str]:
+    folds = ", ".join(f"fold {r['key']['fold']}: slices {r['key']['test'][0]}-{r['key']['test'][-1]}" for r in records)
+    paper = ["paper (challenge test set, different split)", "–", "–", f"{PAPER_EM['rand_error']}",
+             f"{PAPER_EM['pixel_error']}", f"{PAPER_EM['warping_error']}"]  # fmt: skip
+    per_fold = [[r["key"]["fold"], tta, *(format(r[run][m], fmt) for m, (_, fmt) in EM_METRICS.items())]
+                for r in records for tta, run in (("no", "plain"), ("yes", "tta"))]  # fmt: skip
+    lines = [
+        "## ISBI 2012 EM: cross-validation", "",
+        f"The 25 labelled slices of `$BIOUNET_DATA/{EM_DIR}` in {N_FOLDS} folds of 5 consecutive slices "
+        "(neighbouring slices look alike, so blocks rather than interleaved slices); each model trains on the other "
+        f"20. Run here: {folds}. Scores follow the challenge's Fiji evaluation (`biounet.metrics.isbi_scores`): per "
+        "threshold the mean over a fold's 5 slices, then the best threshold, one per fold. Rand error = 1 - V_rand, "
+        "pixel error = 1 - best pixel F-score. Mean ± standard deviation over folds. TTA: the mean of the 8 flips "
+        "and 90-degree rotations.", "",
+        markdown_table(EM_HEADER, [em_row(LABELS["unet"], records, "plain"),
+                                   em_row(LABELS["unet"] + " + TTA", records, "tta"), paper]),
+        "",
+        "The paper's row is **not comparable**: it is the ISBI 2012 challenge's 30-slice test set, scored by the "
+        "challenge's evaluation of 2015, after 10 hours of training on a GPU. Ours is cross-validation on the 25 "
+        "public training slices (5 of the 30 training slices are held back by our data curator and are not here).",
+        "",
+        "Per fold:", "",
+        markdown_table(["fold", "TTA", *EM_HEADER[1:]], per_fold),
+        "",
+    ]  # fmt: skip
+    if figure:
+        lines += [f"![EM slice: input, prediction, ground truth, errors]({figure})", ""]
+    return lines
+
+
+def _nuclei_section(record: dict, meta: dict, figure: str | None) -> list[str]:
+    val = record["plain"]
+    counts = {c: sum(1 for i in val if i["category"] == c) for c in sorted({i["category"] for i in val})}
+    by_category = [nuclei_row(f"{c} ({n})", [i for i in val if i["category"] == c]) for c, n in counts.items()]
+    lines = [
+        "## Touching nuclei (2018 Data Science Bowl subset)", "",
+        "**Stand-in.** The paper's cell experiments used the Cell Tracking Challenge sets PhC-U373 and DIC-HeLa, "
+        "which cannot be obtained here; 120 nuclei images of the 2018 Data Science Bowl "
+        f"(`$BIOUNET_DATA/{NUCLEI_DIR}`, three imaging types) stand in for them.", "",
+        f"Split: stratified by the manifest's category, {meta['val_fraction']:.0%} of each category held out "
+        f"(rounded up), seed {meta['split_seed']} (`common.stratified_split`): {len(record['key']['train'])} "
+        f"training and {len(val)} validation images (" + ", ".join(f"{n} {c}" for c, n in counts.items()) + "). "
+        "Colour images are read as luminance. Objects: `biounet.postprocess.probabilities_to_labels` on "
+        f"p(cell) > 0.5 with the recipe's post-processing (`split = \"{record['key']['config']['split']}\"`; "
+        "the peer's probabilities get the same), the labels `biounet predict` writes. Scores are per validation image, mean ± standard deviation over images. A "
+        "touching pair is two true nuclei with 4-adjacent pixels; it is merged when one predicted object covers "
+        "more than half of each.", "",
+        markdown_table(NUCLEI_HEADER, [nuclei_row(LABELS["unet"], val),
+                                       nuclei_row(LABELS["unet"] + " + TTA", record["tta"])]),
+        "",
+        "By category (no TTA):", "",
+        markdown_table(["category", *NUCLEI_HEADER[1:]], by_category),
+        "",
+    ]  # fmt: skip
+    if figure:
+        lines += [f"![Nuclei image: input, prediction, ground truth, errors]({figure})", ""]
+    return lines + ["<details><summary>Validation image ids</summary>", "",
+                    ", ".join(f"`{n}`" for n in record["key"]["test"]), "", "</details>", ""]  # fmt: skip
+
+
+def _ablation_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Ablations", "",
+             "Each row changes one thing against the baseline, on the same folds or split, with the same steps and "
+             "seeds (`configs/ablation-*.toml`). The TTA ablation is the baseline's with/without-TTA pair above. "
+             "*Seam* is the largest difference of p(cell) on the first held-out slice between prediction tiled at "
+             "the training tile and prediction in one tile (largest over folds): zero up to float rounding for "
+             "valid padding (exact overlap-tile), not for same padding.", ""]  # fmt: skip
+    for dataset in DATASETS:
+        variants = [v for v in ("unet", *ABLATIONS) if v in results[dataset]]
+        if not set(variants) & set(ABLATIONS):
+            continue
+        rows = []
+        for v in variants:
+            change = "none (baseline)" if v == "unet" else ABLATIONS[v]
+            if dataset == "em":
+                seam = format(max(r["seam"] for r in results["em"][v]), ".1e")
+                rows.append([change, *em_row(v, results["em"][v], "plain")[1:], seam])
+            else:
+                rows.append([change, *nuclei_row(v, results["nuclei"][v]["plain"])[1:]])
+        header = ["change", *(EM_HEADER[1:] + ["seam"] if dataset == "em" else NUCLEI_HEADER[1:])]
+        lines += [f"**{TITLES[dataset]}**", "", markdown_table(header, rows), ""]
+    return lines
+
+
+def _peer_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Same-budget peer: MONAI BasicUNet", "",
+             "MONAI's `BasicUNet` (zero padding, instance norm, LeakyReLU; widths (w, 2w, 4w, 8w, 16w, w) for our "
+             "width w; it always pools four times) trained with MONAI's own augmentation (`RandSpatialCropd`, flips, "
+             "`RandRotate90d`, `Rand2DElasticd`, intensity scaling, shifting and noise) and `DiceCELoss`, on the "
+             "same images, with the same tile size (rounded up to a multiple of 16), batch size, steps, optimiser "
+             "and schedule; predicted with `sliding_window_inference` (25 % overlap, Gaussian blending) and scored "
+             "by the same functions. No TTA on either row.", ""]  # fmt: skip
+    for dataset in DATASETS:
+        if "monai" not in results[dataset]:
+            continue
+        rows = []
+        for v in (v for v in ("unet", "monai") if v in results[dataset]):
+            value = results[dataset][v]
+            rows.append(em_row(LABELS[v], value, "plain") if dataset == "em" else nuclei_row(LABELS[v], value["plain"]))
+        header = EM_HEADER if dataset == "em" else NUCLEI_HEADER
+        lines += [f"**{TITLES[dataset]}**", "", markdown_table(header, rows), ""]
+    return lines
+
+
+def results_page(results: dict[str, Any], page: Path, figures: dict[str, Path]) -> str:
+    """The Markdown of the results page at ``page``; ``figures`` maps ``"em"``/``"nuclei"`` to PNG paths."""
+    rel = {k: os.path.relpath(v, page.parent) for k, v in figures.items()}
+    lines = _header(results) + _what_ran(results)
+    if "unet" in results["em"]:
+        lines += _em_section(results["em"]["unet"], rel.get("em"))
+    if "unet" in results["nuclei"]:
+        lines += _nuclei_section(results["nuclei"]["unet"], results["meta"], rel.get("nuclei"))
+    if any(v in results[d] for d in DATASETS for v in ABLATIONS):
+        lines += _ablation_section(results)
+    if any("monai" in results[d] for d in DATASETS):
+        lines += _peer_section(results)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Model cards
+# --------------------------------------------------------------------------------------------
+def model_card(name: str, job_name: str, record: dict, provenance: dict, results: dict) -> str:
+    """The ``MODEL_CARD.md`` of a shipped model (data, recipe, scores, limits, use)."""
+    meta, evaluation = results["meta"], provenance["evaluation"]
+    key, em = record["key"], record["key"]["dataset"] == "em"
+    metrics = EM_METRICS if em else NUCLEI_METRICS
+    rows = [["no", *(format(evaluation["scores"][m], f) for m, (_, f) in metrics.items())]]
+    if evaluation["scores_tta"]:
+        rows.append(["yes", *(format(evaluation["scores_tta"][m], f) for m, (_, f) in metrics.items())])
+    header = ["TTA", *(EM_HEADER[1:] if em else NUCLEI_HEADER[1:5])]
+    if em:
+        data = (f"ISBI 2012 EM training slices (`{EM_DIR}`), trained on the {len(key['train'])} slices outside fold "
+                f"{key['fold']}, scored on its held-out slices {', '.join(key['test'])}.")  # fmt: skip
+        fold_records = results["em"][key["variant"]]
+        spread = ", ".join(f"{m} {mean_spread([r['plain'][m] for r in fold_records], f)}"
+                           for m, (_, f) in metrics.items())  # fmt: skip
+        caveat = (f"Across the {len(fold_records)} fold(s) run of this recipe: {spread}. This model was picked as the "
+                  "best fold by its own held-out V_rand, so its row above is optimistic; the cross-validation mean is "
+                  "the fair estimate.")  # fmt: skip
+    else:
+        data = (f"2018 Data Science Bowl nuclei subset (`{NUCLEI_DIR}`): {len(key['train'])} training images, scored "
+                f"on the {len(key['test'])} validation images of the split stratified by category (seed "
+                f"{meta['split_seed']}); colour images as luminance. Scores are means over the images; merged "
+                f"touching pairs: {evaluation['scores']['merged']} of {evaluation['scores']['touching']}.")  # fmt: skip
+        images = record["plain"]
+        categories = sorted({i["category"] for i in images})
+        by_category = [nuclei_row(f"{c} ({sum(i['category'] == c for i in images)})",
+                                  [i for i in images if i["category"] == c]) for c in categories]  # fmt: skip
+        caveat = "By category (no TTA):\n\n" + markdown_table(["category", *NUCLEI_HEADER[1:]], by_category)
+    where = "a shared CPU" if record["device"] == "cpu" else str(record["device"])
+    limits = [
+        f"Trained for {key['config']['steps']} steps with the `{meta['preset']}` preset on {where} "
+        f"({minutes(record['train_seconds'])}); the paper trained for 10 hours on a GPU. Expect clearly worse "
+        "results than a full run.",
+        "It has only seen the images described under Data; other microscopes, stains or pixel sizes need retraining.",
+    ]
+    if meta["crop"]:
+        limits.insert(0, f"SMOKE-TEST MODEL: trained on {meta['crop']} px crops for a few steps. Do not use.")
+    if not em:
+        limits.append("Check the scores by category above: an imaging type the model handles badly at this budget "
+                      "(e.g. dark nuclei on a bright background, as colour and brightfield images are when read as "
+                      "luminance) gives near-zero object scores.")  # fmt: skip
+        limits.append("Touching nuclei are kept apart only by the predicted background lines between them; see the "
+                      "merged pairs above before relying on object counts.")  # fmt: skip
+    return "\n".join([
+        f"# `{name}`: biounet U-Net for {'EM membranes' if em else 'nuclei'}", "",
+        "*Written by `experiments/reproduce.py`.*", "",
+        "## Data", "", data, "",
+        "## Recipe", "",
+        f"`{job_name}` of `{meta['command']}`: {config_summary(key['config'])}. Parameters: {record['parameters']:,}. "
+        f"Input normalisation: percentiles {key['config']['normalization']} per image.", "",
+        "## Scores", "",
+        f"On the held-out images above ({provenance['selection']}); recorded in `config.json` "
+        "(`provenance.evaluation`) and checked by `tests/test_shipped_models.py`.", "",
+        markdown_table(header, rows), "", caveat, "",
+        "## Limits", "", *(f"- {item}" for item in limits), "",
+        "## Use", "", "```", f"biounet predict --model {name} IMAGE -o OUT", "```", "",
+    ])  # fmt: skip

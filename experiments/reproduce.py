@@ -1,0 +1,466 @@
+"""Reproduce the U-Net paper on real data and write the results page.
+
+Experiments (the data comes from ``$BIOUNET_DATA``):
+
+* **ISBI 2012 EM** (``isbi2012-em``, 25 labelled slices): 5-fold cross-validation, 5
+  consecutive slices held out per fold; V_rand, V_info, Rand, pixel and warping error per
+  fold, with and without 8-fold test-time augmentation (TTA).
+* **Touching nuclei** (``dsb2018-nuclei``, 120 images in three imaging types): a fixed
+  train/validation split, stratified by the manifest's category and seeded; foreground
+  IoU, SEG, object F1 and AP at IoU 0.5, and the touching true pairs that come out merged.
+* **Ablations**, each changing one thing on the same folds (``configs/ablation-*.toml``):
+  no elastic deformation, no border term (w0 = 0), same padding (tiled, with its seams).
+  The TTA ablation is the with/without-TTA pair of the baseline.
+* **Same-budget peer**: MONAI ``BasicUNet`` with MONAI's augmentation and Dice-CE loss, on
+  the same folds and steps (``peer_monai.py``), scored by the same functions.
+
+Every trained model lands in ``--out`` (default ``runs/reproduce``) with a ``record.json`` of
+its scores; a rerun with the same settings reuses them, so an interrupted run continues
+where it stopped and the page can be rewritten without training. The page
+(``docs/results.md``), its figures (``docs/images/results_*.png``) and, with ``--ship``, the
+shipped models and their cards are written by this script only.
+
+Examples
+--------
+Smoke run (fast preset, 2 steps, 2 folds, 128 px crops; a few minutes on 2 CPU cores)::
+
+    BIOUNET_DATA=/data python experiments/reproduce.py --quick
+
+CPU-scale run of the baseline and the peer on two folds, shipping the models::
+
+    BIOUNET_DATA=/data python experiments/reproduce.py --preset fast --steps 300 --folds 0,1 \\
+        --variants unet,monai --ship src/biounet/models
+
+Full run on a GPU::
+
+    BIOUNET_DATA=/data python experiments/reproduce.py --preset paper --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import common
+import page
+import peer_monai
+from common import ABLATIONS, DATASETS, EM_DIR, N_FOLDS, NUCLEI_DIR, VARIANTS
+from biounet.datasets import Sample, load_dataset
+from biounet.io import atomic_write
+from biounet.model import UNet, load_model
+from biounet.tiling import predict
+from biounet.train import TrainConfig, train
+
+log = logging.getLogger("reproduce")
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+QUICK = {"steps": 2, "folds": "0,1", "crop": 128, "nuclei_per_category": (2, 1), "sets": ("tile=124", "batch_size=2")}
+SHIP_LIMIT_BYTES = 25 * 2**20
+
+
+# ============================================================================================
+# Jobs
+# ============================================================================================
+@dataclass(frozen=True)
+class Job:
+    """One model to train and score: a variant on one fold (EM) or the split (nuclei)."""
+
+    dataset: str
+    variant: str
+    fold: int | None
+    train: tuple[Sample, ...]
+    test: tuple[Sample, ...]
+    config: TrainConfig
+    run_dir: Path
+    categories: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}/{self.variant}" + ("" if self.fold is None else f"/fold{self.fold}")
+
+
+def experiment_config(dataset: str, variant: str, preset: str, steps: int | None, sets: Sequence[str]) -> TrainConfig:
+    """Preset, then ``configs/<dataset>.toml``, then the ablation's TOML, then ``--steps`` and ``--set``."""
+    config = TrainConfig.from_toml(CONFIGS / f"{dataset}.toml", TrainConfig.preset(preset))
+    if variant in ABLATIONS:
+        config = TrainConfig.from_toml(CONFIGS / f"ablation-{variant}.toml", config)
+    if steps is not None:
+        config = dataclasses.replace(config, steps=steps)
+    return config.updated(sets)
+
+
+def unet_predict(model: UNet, image: np.ndarray, config: TrainConfig, *, tta: bool, device: str) -> np.ndarray:
+    """Class probabilities; same-padding models are tiled at the training tile (so they show seams).
+
+    Valid-padding predictions are exact whatever the tile, so they use the default tiles.
+    """
+    tile = config.tile if config.padding == "same" else None
+    return predict(model, image, tile=tile, tta=tta, device=device, progress=False)
+
+
+def seam_error(model: UNet, image: np.ndarray, config: TrainConfig, device: str) -> float:
+    """Max |p(cell)| difference between prediction tiled at the training tile and in one tile."""
+    whole = predict(model, image, tile=max(image.shape) + 2 * model.halo + 2 * model.config.stride,
+                    device=device, progress=False)  # fmt: skip
+    tiled = predict(model, image, tile=config.tile, device=device, progress=False)
+    return float(np.abs(whole[1] - tiled[1]).max())
+
+
+def _key(job: Job, crop: int | None) -> dict[str, Any]:
+    key = {
+        "dataset": job.dataset, "variant": job.variant, "fold": job.fold, "crop": crop,
+        "config": dataclasses.asdict(job.config),
+        "train": [s.name for s in job.train], "test": [s.name for s in job.test],
+    }  # fmt: skip
+    return json.loads(json.dumps(key))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def cached_record(job: Job, crop: int | None) -> dict[str, Any] | None:
+    """The job's ``record.json`` if it was made with the same settings, else None."""
+    record_path = job.run_dir / "record.json"
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    return record if record.get("key") == _key(job, crop) else None
+
+
+def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple[dict[str, Any], bool]:
+    """Train and score one job, or reuse its ``record.json`` if the settings are the same.
+
+    Returns the record and whether it was reused.
+    """
+    key = _key(job, crop)
+    record_path = job.run_dir / "record.json"
+    cached = cached_record(job, crop)
+    if cached is not None:
+        log.info("%s: reusing %s", job.name, record_path)
+        return cached, True
+    if job.run_dir.exists():
+        shutil.rmtree(job.run_dir)
+    job.run_dir.mkdir(parents=True)
+    log.info("%s: training %d steps on %d images", job.name, job.config.steps, len(job.train))
+    started = time.perf_counter()
+    if job.variant == "monai":
+        net = peer_monai.train_peer(job.train, job.run_dir, job.config, device=device, progress=progress)
+        parameters = peer_monai.count_parameters(net)
+
+        def predictor(image: np.ndarray, tta: bool) -> np.ndarray:
+            return peer_monai.predict_peer(net, image, job.config, device=device)
+    else:
+        model = train(job.train, job.run_dir, job.config, device=device, progress=progress)
+        parameters = sum(p.numel() for p in model.parameters())
+
+        def predictor(image: np.ndarray, tta: bool) -> np.ndarray:
+            return unet_predict(model, image, job.config, tta=tta, device=device)
+    seconds = time.perf_counter() - started
+    log.info("%s: trained in %.0f s; scoring %d images", job.name, seconds, len(job.test))
+    record: dict[str, Any] = {"key": key, "train_seconds": seconds, "parameters": parameters, "device": device}
+    runs = {"plain": False, "tta": True} if job.variant == "unet" else {"plain": False}
+    for label, tta in runs.items():
+        probabilities = [predictor(s.image, tta) for s in job.test]
+        if job.dataset == "em":
+            record[label] = common.em_scores([p[1] for p in probabilities], [s.labels for s in job.test])
+        else:
+            postprocess = {"split": job.config.split}  # the U-Net's own; the same for the peer
+            record[label] = [{"name": s.name, "category": job.categories.get(s.name, ""),
+                              **common.nuclei_scores(s.labels, p, postprocess)}
+                             for s, p in zip(job.test, probabilities, strict=True)]  # fmt: skip
+    if job.dataset == "em" and job.variant != "monai":
+        record["seam"] = seam_error(model, job.test[0].image, job.config, device)
+    record["score_seconds"] = time.perf_counter() - started - seconds
+    _write_json(record_path, record)
+    return record, False
+
+
+# ============================================================================================
+# Data
+# ============================================================================================
+ConfigFor = Callable[[str, str], TrainConfig]
+
+
+def em_jobs(
+    root: Path, variants: Sequence[str], folds: Sequence[int], make_config: ConfigFor, out: Path, crop: int | None
+) -> list[Job]:
+    """One job per variant and fold of the ISBI slices (``crop``: top-left corners only, for ``--quick``)."""
+    samples = load_dataset(root / EM_DIR, layout="isbi")
+    if crop:
+        samples = [common.crop_sample(s, crop) for s in samples]
+    blocks = common.contiguous_folds([s.name for s in samples], N_FOLDS)
+    jobs = []
+    for variant in variants:
+        for k in folds:
+            held = set(blocks[k])
+            jobs.append(Job("em", variant, k, tuple(s for s in samples if s.name not in held),
+                            tuple(s for s in samples if s.name in held), make_config("em", variant),
+                            out / "em" / variant / f"fold{k}"))  # fmt: skip
+    return jobs
+
+
+def nuclei_jobs(
+    root: Path, variants: Sequence[str], make_config: ConfigFor, out: Path, *, fraction: float, seed: int,
+    crop: int | None,
+) -> list[Job]:  # fmt: skip
+    """One job per variant on the stratified split (``crop``: a few cropped images per category, for ``--quick``)."""
+    categories = common.read_manifest(root / NUCLEI_DIR / "manifest.csv")
+    train_ids, val_ids = common.stratified_split(categories, fraction, seed=seed)
+    if crop:
+        n_train, n_val = QUICK["nuclei_per_category"]
+        train_ids, val_ids = (
+            [i for c in sorted(set(categories.values())) for i in [t for t in ids if categories[t] == c][:n]]
+            for ids, n in ((train_ids, n_train), (val_ids, n_val))
+        )
+    samples = {s.name: s for s in load_dataset(root / NUCLEI_DIR, layout="folders", as_gray=True)}
+    missing = sorted(set(categories) - set(samples))
+    if missing:
+        raise ValueError(f"{root / NUCLEI_DIR}: manifest ids without images: {', '.join(missing[:3])}")
+    def pick(name: str) -> Sample:
+        return common.crop_sample(samples[name], crop) if crop else samples[name]
+
+    train_set, test_set = tuple(pick(i) for i in train_ids), tuple(pick(i) for i in val_ids)
+    return [Job("nuclei", variant, None, train_set, test_set, make_config("nuclei", variant), out / "nuclei" / variant,
+                categories) for variant in variants]  # fmt: skip
+
+
+# ============================================================================================
+# Figures and shipped models
+# ============================================================================================
+def write_figures(results: dict[str, Any], jobs: dict[str, Job], folder: Path, device: str) -> dict[str, Path]:
+    """One EM slice and one nuclei image of the baseline (U-Net, no TTA): input | prediction | truth | errors."""
+    figures = {}
+    em = [j for j in jobs.values() if j.dataset == "em" and j.variant == "unet"]
+    if em:
+        job = em[0]
+        sample = job.test[0]
+        model = load_model(job.run_dir / "last", device=device)
+        prob = unet_predict(model, sample.image, job.config, tta=False, device=device)[1]
+        figures["em"] = common.em_figure(folder / "results_em.png", sample, prob,
+                                         f"ISBI 2012 slice {sample.name} (held out in fold {job.fold})")  # fmt: skip
+    nuclei = jobs.get("nuclei/unet")
+    if nuclei is not None:
+        images = results["nuclei"]["unet"]["plain"]
+        best = max(range(len(images)), key=lambda i: (images[i]["touching"], -i))  # the most touching nuclei
+        sample = nuclei.test[best]
+        model = load_model(nuclei.run_dir / "last", device=device)
+        prob = unet_predict(model, sample.image, nuclei.config, tta=False, device=device)
+        touching, merged = images[best]["touching"], images[best]["merged"]
+        figures["nuclei"] = common.nuclei_figure(
+            folder / "results_nuclei.png", sample, prob,
+            f"{images[best]['category']} validation image {sample.name[:12]}…: "
+            f"{merged} of {touching} touching pairs merged", model.info.postprocess,
+        )  # fmt: skip
+    return figures
+
+
+def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> list[Path]:
+    """Copy the best EM and nuclei U-Nets into ``folder/<name>/`` with provenance and a model card.
+
+    EM: of all U-Net models (any variant, any fold), the one with the highest held-out V_rand;
+    nuclei: the U-Net variant with the highest mean validation AP at IoU 0.5. Weights are
+    stored as float16 if float32 would exceed 25 MB.
+    """
+    candidates = {
+        "em-membranes": [(r["plain"]["v_rand"], f"em/{v}/fold{r['key']['fold']}", r)
+                         for v, recs in results["em"].items() if v != "monai" for r in recs],
+        "nuclei": [(common.mean_nuclei_scores(r["plain"])["ap"], f"nuclei/{v}", r)
+                   for v, r in results["nuclei"].items() if v != "monai"],
+    }  # fmt: skip
+    written = []
+    for name, options in candidates.items():
+        if not options:
+            continue
+        _, job_name, record = max(options, key=lambda option: option[0])
+        model = load_model(jobs[job_name].run_dir / "last")
+        provenance = {**model.info.provenance, **_provenance(name, job_name, record, len(options), results["meta"])}
+        model.info = dataclasses.replace(model.info, provenance=provenance)
+        if sum(p.numel() * 4 for p in model.parameters()) > SHIP_LIMIT_BYTES:
+            model = model.half()
+        target = folder / name
+        if target.exists():
+            shutil.rmtree(target)
+        model.save(target)
+        with atomic_write(target / "MODEL_CARD.md") as tmp:
+            tmp.write_text(page.model_card(name, job_name, record, provenance, results))
+        written.append(target)
+        log.info("shipped %s (%s) to %s", name, job_name, target)
+    return written
+
+
+def _provenance(name: str, job_name: str, record: dict, n_options: int, meta: dict) -> dict[str, Any]:
+    """What a shipped model's ``config.json`` records beside the training recipe."""
+    em = record["key"]["dataset"] == "em"
+
+    def summary(run: str) -> dict[str, float] | None:
+        if run not in record:
+            return None
+        return record[run] if em else common.mean_nuclei_scores(record[run])
+
+    selected_by = "held-out V_rand" if em else "validation AP at IoU 0.5"
+    return {
+        "name": name,
+        "experiment": job_name,
+        "selection": f"best of {n_options} model(s) by {selected_by}",
+        "evaluation": {
+            "dataset": EM_DIR if em else NUCLEI_DIR, "images": record["key"]["test"], "crop": meta["crop"],
+            "tta": False, "scores": summary("plain"), "scores_tta": summary("tta"),
+            "how": "experiments/common.py: " + ("em_scores" if em else "nuclei_scores, mean over images"),
+        },
+        "training": {
+            "steps": record["key"]["config"]["steps"], "seconds": record["train_seconds"],
+            "device": record["device"], "hardware": meta["hardware"].get("gpu", meta["hardware"]["cpu"]),
+            "command": meta["command"], "date": meta["date"],
+        },
+    }  # fmt: skip
+
+
+# ============================================================================================
+# Command line
+# ============================================================================================
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: fast preset, 2 steps, folds 0,1, 128 px crops, "
+                   "a few nuclei images; writes into --out unless --results/--figures are given")  # fmt: skip
+    p.add_argument("--preset", choices=("fast", "paper"), default="fast", help="base recipe (default fast)")
+    p.add_argument("--steps", type=int, help="training steps per model (default: the preset's)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainConfig field for every model, e.g. --set precision=\"bfloat16\"")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--folds", default="all", help="EM folds to run: 'all' or indices like 0,1 (of 0-4)")
+    p.add_argument("--datasets", default=",".join(DATASETS), help=f"subset of {','.join(DATASETS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="nuclei held out per category (default 0.2)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the nuclei split (default 0)")
+    p.add_argument("--time-limit", type=float, metavar="MIN",
+                   help="start no new model once this many minutes have passed (the page lists what was skipped)")
+    p.add_argument("--out", type=Path, help="run folder (default runs/reproduce, or runs/reproduce-quick)")
+    p.add_argument("--results", type=Path, help="results page (default docs/results.md; quick: OUT/results.md)")
+    p.add_argument("--figures", type=Path, help="figure folder (default docs/images; quick: OUT/images)")
+    p.add_argument("--ship", type=Path, metavar="DIR", help="save the best EM and nuclei models to DIR/<name>/")
+    p.add_argument("--data", type=Path, default=os.environ.get("BIOUNET_DATA") or None,
+                   help="data folder ($BIOUNET_DATA)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
+    args = p.parse_args(argv)
+    if args.data is None or not Path(args.data).is_dir():
+        p.error("no data: set BIOUNET_DATA (or --data) to the folder holding isbi2012-em/ and dsb2018-nuclei/")
+    for name, allowed in (("datasets", DATASETS), ("variants", VARIANTS)):
+        chosen = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
+        if not chosen or set(chosen) - set(allowed):
+            p.error(f"--{name} must be a comma-separated subset of {','.join(allowed)}, got {getattr(args, name)!r}")
+        setattr(args, name, [v for v in allowed if v in chosen])
+    if args.quick:
+        args.steps, args.folds = args.steps or QUICK["steps"], QUICK["folds"] if args.folds == "all" else args.folds
+        args.sets = [*QUICK["sets"], *args.sets]
+    try:
+        args.folds = list(range(N_FOLDS)) if args.folds == "all" else sorted({int(k) for k in args.folds.split(",")})
+    except ValueError:
+        p.error(f"--folds must be 'all' or comma-separated integers, got {args.folds!r}")
+    if not set(args.folds) <= set(range(N_FOLDS)):
+        p.error(f"--folds must be in 0..{N_FOLDS - 1}, got {args.folds}")
+    args.out = args.out or ROOT / ("runs/reproduce-quick" if args.quick else "runs/reproduce")
+    args.results = args.results or (args.out / "results.md" if args.quick else ROOT / "docs/results.md")
+    args.figures = args.figures or (args.out / "images" if args.quick else ROOT / "docs/images")
+    return args
+
+
+def run_jobs(jobs: Sequence[Job], args: argparse.Namespace, crop: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run (or reuse) the jobs, experiment by experiment (a variant on a data set, all its folds).
+
+    With ``--time-limit`` an experiment is skipped whole when the jobs it still has to train,
+    at the duration of the longest job so far, would end past the limit; so every experiment
+    on the page ran on all its folds. Returns the results by data set and variant, and the bookkeeping.
+    """
+    started = time.perf_counter()
+    results: dict[str, Any] = {"em": {}, "nuclei": {}}
+    done: dict[str, Job] = {}
+    skipped, trained, longest = [], 0, 0.0
+    experiments: dict[tuple[str, str], list[Job]] = {}
+    for job in jobs:
+        experiments.setdefault((job.dataset, job.variant), []).append(job)
+    for group in experiments.values():
+        elapsed = time.perf_counter() - started
+        to_train = sum(cached_record(job, crop) is None for job in group)
+        if args.time_limit is not None and to_train and elapsed + to_train * longest > 60 * args.time_limit:
+            skipped += [job.name for job in group]
+            log.warning("%s/%s: skipped, the time limit of %s min would be passed", group[0].dataset,
+                        group[0].variant, args.time_limit)  # fmt: skip
+            continue
+        for job in group:
+            t0 = time.perf_counter()
+            record, reused = run_job(job, device=args.device, crop=crop, progress=args.progress)
+            if not reused:
+                trained += 1
+                longest = max(longest, time.perf_counter() - t0)
+            done[job.name] = job
+            if job.dataset == "em":
+                results["em"].setdefault(job.variant, []).append(record)
+            else:
+                results["nuclei"][job.variant] = record
+    return results, {"done": done, "skipped": skipped, "trained_now": trained, "reused": len(done) - trained}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    hardware = common.hardware(args.device)
+    crop = QUICK["crop"] if args.quick else None
+    make_config = functools.partial(experiment_config, preset=args.preset, steps=args.steps, sets=args.sets)
+    jobs: list[Job] = []
+    if "em" in args.datasets:
+        jobs += em_jobs(args.data, args.variants, args.folds, make_config, args.out, crop)
+    if "nuclei" in args.datasets:
+        jobs += nuclei_jobs(args.data, args.variants, make_config, args.out, fraction=args.val_fraction,
+                            seed=args.split_seed, crop=crop)  # fmt: skip
+    jobs.sort(key=lambda j: (VARIANTS.index(j.variant), DATASETS.index(j.dataset), j.fold or 0))
+    results, book = run_jobs(jobs, args, crop)
+
+    base = make_config(args.datasets[0], "unet")
+    records = [r for v in results["em"].values() for r in v] + list(results["nuclei"].values())
+    results["meta"] = {
+        "command": "python experiments/reproduce.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "hardware": hardware, "device": args.device, "preset": args.preset, "steps": base.steps,
+        "config": dataclasses.asdict(base), "quick": args.quick, "crop": crop,
+        "val_fraction": args.val_fraction, "split_seed": args.split_seed, "time_limit": args.time_limit,
+        "skipped": book["skipped"], "trained_now": book["trained_now"], "reused": book["reused"],
+        "train_seconds": sum(r["train_seconds"] for r in records),
+        "score_seconds": sum(r["score_seconds"] for r in records),
+    }  # fmt: skip
+    figures = write_figures(results, book["done"], args.figures, args.device)
+    if args.ship:
+        ship_models(results, book["done"], args.ship)
+    results["meta"]["wall_seconds"] = time.perf_counter() - started
+    _write_json(args.out / "results.json", results)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(args.results) as tmp:
+        tmp.write_text(page.results_page(results, args.results, figures))
+    log.info("wrote %s (%s)", args.results, ", ".join(str(f) for f in figures.values()) or "no figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

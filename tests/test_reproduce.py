@@ -1,0 +1,246 @@
+"""The reproduction experiments: splits, scores and configs, and the ``--quick`` run end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import common  # noqa: E402
+import reproduce  # noqa: E402
+
+from biounet.metrics import isbi_scores  # noqa: E402
+
+DATA = os.environ.get("BIOUNET_DATA")
+requires_data = pytest.mark.skipif(
+    not DATA or not Path(DATA).is_dir(), reason="real data not available: set BIOUNET_DATA to the shared data folder"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Touching pairs and merges, against naive loops
+# --------------------------------------------------------------------------------------------
+def naive_touching(labels: np.ndarray) -> set[tuple[int, int]]:
+    pairs = set()
+    height, width = labels.shape
+    for y in range(height):
+        for x in range(width):
+            for dy, dx in ((0, 1), (1, 0)):
+                if y + dy < height and x + dx < width:
+                    a, b = int(labels[y, x]), int(labels[y + dy, x + dx])
+                    if a and b and a != b:
+                        pairs.add((min(a, b), max(a, b)))
+    return pairs
+
+
+def naive_owner(gt: np.ndarray, pred: np.ndarray, label: int) -> int:
+    region = gt == label
+    for p in np.unique(pred[region]):
+        if p and np.count_nonzero(region & (pred == p)) * 2 > np.count_nonzero(region):
+            return int(p)
+    return 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.int32, (7, 6), elements=st.integers(0, 4)), arrays(np.int32, (7, 6), elements=st.integers(0, 3)))
+def test_touching_and_merged_pairs_match_naive_loops(gt, pred):
+    pairs = common.touching_pairs(gt)
+    assert {tuple(p) for p in pairs.tolist()} == naive_touching(gt)
+    assert len(pairs) == len(naive_touching(gt))  # unique
+    owner = common.majority_owner(gt, pred)
+    for label in range(1, int(gt.max()) + 1):
+        assert owner[label] == naive_owner(gt, pred, label)
+    expected = sum(1 for a, b in naive_touching(gt) if naive_owner(gt, pred, a) == naive_owner(gt, pred, b) != 0)
+    assert common.merged_touching_pairs(gt, pred) == (len(naive_touching(gt)), expected)
+
+
+def test_merged_pairs_on_two_touching_squares():
+    gt = np.zeros((8, 12), np.int32)
+    gt[2:6, 2:6], gt[2:6, 6:10] = 1, 2  # touching along a column
+    gt[7, 0] = 3  # alone
+    one_blob = (gt > 0).astype(np.int32)
+    assert common.merged_touching_pairs(gt, one_blob) == (1, 1)
+    assert common.merged_touching_pairs(gt, gt) == (1, 0)
+    half = np.where(gt == 1, 1, 0)  # the second square not predicted at all
+    assert common.merged_touching_pairs(gt, half) == (1, 0)
+
+
+def test_nuclei_scores_perfect_and_merged():
+    gt = np.zeros((16, 16), np.int32)
+    gt[2:6, 2:6], gt[9:14, 8:12] = 1, 2
+    prob = np.stack([(gt == 0), (gt > 0)]).astype(np.float32)
+    scores = common.nuclei_scores(gt, prob)
+    assert scores == {"iou": 1.0, "seg": 1.0, "f1": 1.0, "ap": 1.0, "touching": 0, "merged": 0}
+    touching = np.zeros((10, 10), np.int32)
+    touching[2:8, 1:5], touching[2:8, 5:9] = 1, 2
+    blob = np.stack([(touching == 0), (touching > 0)]).astype(np.float32)
+    merged = common.nuclei_scores(touching, blob)
+    # one predicted object of 48 px against two of 24 px: IoU 0.5 each, not > 0.5, so no match at 0.5;
+    # the blob covers all of each (SEG's rule), so both count for SEG with J = 0.5 and the pair is merged
+    assert (merged["iou"], merged["f1"], merged["ap"], merged["touching"], merged["merged"]) == (1.0, 0.0, 0.0, 1, 1)
+    assert merged["seg"] == 0.5
+
+
+def test_nuclei_scores_use_the_post_processing():
+    yy, xx = np.mgrid[:24, :40]
+    blob = ((yy - 12) ** 2 + (xx - 12) ** 2 < 81) | ((yy - 12) ** 2 + (xx - 27) ** 2 < 81)  # two overlapping disks
+    gt = np.where(blob, np.where(xx < 20, 1, 2), 0).astype(np.int32)
+    prob = np.stack([~blob, blob]).astype(np.float32)
+    assert common.nuclei_scores(gt, prob)["merged"] == 1
+    split = common.nuclei_scores(gt, prob, {"split": "distance"})
+    assert (split["merged"], split["f1"]) == (0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------
+def test_contiguous_folds():
+    names = [f"{i:02d}" for i in range(25)]
+    folds = common.contiguous_folds(names, 5)
+    assert folds[0] == ["00", "01", "02", "03", "04"] and folds[4] == ["20", "21", "22", "23", "24"]
+    assert sorted(sum(folds, [])) == names
+    with pytest.raises(ValueError, match="n_folds=5"):
+        common.contiguous_folds(names[:24], 5)
+
+
+def test_stratified_split_counts_disjoint_and_seeded():
+    categories = {f"f{i:02d}": "fluo" for i in range(11)} | {f"h{i}": "he" for i in range(5)} | {"b0": "bf", "b1": "bf"}
+    train, val = common.stratified_split(categories, 0.2, seed=0)
+    assert not set(train) & set(val) and sorted(train + val) == sorted(categories)
+    per_category = {c: sum(categories[i] == c for i in val) for c in ("fluo", "he", "bf")}
+    assert per_category == {"fluo": 3, "he": 1, "bf": 1}  # ceil(0.2 n)
+    assert common.stratified_split(categories, 0.2, seed=0) == (train, val)
+    assert common.stratified_split(categories, 0.2, seed=1) != (train, val)
+    with pytest.raises(ValueError, match="'bf' has 2"):
+        common.stratified_split(categories, 0.6, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Scores and tables
+# --------------------------------------------------------------------------------------------
+def _membranes(seed: int) -> np.ndarray:
+    cells = np.ones((40, 40), np.uint8)
+    cells[:, 10 + seed], cells[20 + seed, :] = 0, 0
+    return cells
+
+
+def test_em_scores_one_threshold_per_fold():
+    truth = [_membranes(0), _membranes(3)]
+    perfect = common.em_scores([t.astype(np.float32) for t in truth], truth)
+    assert perfect == {"v_rand": 1.0, "v_info": 1.0, "rand_error": 0.0, "pixel_error": 0.0, "warping_error": 0.0}
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(t * 0.6 + rng.random(t.shape) * 0.5, 0, 1) for t in truth]
+    alone = isbi_scores(noisy[0], truth[0]).summary()
+    one = common.em_scores(noisy[:1], truth[:1])
+    assert one["v_rand"] == alone["v_rand"] and one["warping_error"] == alone["warping_error"]
+    assert one["pixel_error"] == pytest.approx(alone["pixel_error"])
+    both = common.em_scores(noisy, truth)
+    per_slice = [isbi_scores(p, t) for p, t in zip(noisy, truth)]
+    assert both["v_rand"] == pytest.approx(max((per_slice[0].v_rand + per_slice[1].v_rand) / 2))
+    assert both["v_rand"] <= np.mean([s.summary()["v_rand"] for s in per_slice]) + 1e-12
+
+
+def test_mean_spread_and_table():
+    assert common.mean_spread([1.0, 3.0], ".2f") == "2.00 ± 1.41"
+    assert common.mean_spread([0.5], ".3f") == "0.500"
+    assert common.mean_spread([], ".3f") == "–"
+    assert common.markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n| --- | --- |\n| 1 | x |"
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", sorted(reproduce.ABLATIONS))
+@pytest.mark.parametrize("dataset", reproduce.DATASETS)
+def test_each_ablation_changes_exactly_one_field(dataset, variant):
+    base = dataclasses.asdict(reproduce.experiment_config(dataset, "unet", "fast", 50, []))
+    ablated = dataclasses.asdict(reproduce.experiment_config(dataset, variant, "fast", 50, []))
+    changed = {k for k in base if base[k] != ablated[k]}
+    assert changed == {{"no-elastic": "elastic_std", "no-border": "w0", "same-padding": "padding"}[variant]}
+    assert base["steps"] == 50 and base["base_channels"] == 16
+
+
+def test_config_layers_preset_then_dataset_then_overrides():
+    paper = reproduce.experiment_config("em", "unet", "paper", None, ["precision=\"bfloat16\""])
+    got = (paper.base_channels, paper.steps, paper.precision, paper.w0, paper.elastic_grid)
+    assert got == (64, 10_000, "bfloat16", 10.0, 3)
+
+
+def test_arguments_are_checked(tmp_path):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--data", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--data", str(tmp_path), "--variants", "unet,bogus"])
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--data", str(tmp_path), "--folds", "0,7"])
+    args = reproduce.parse_args(["--data", str(tmp_path), "--quick", "--variants", "monai,unet"])
+    assert (args.folds, args.steps, args.variants) == ([0, 1], 2, ["unet", "monai"])
+    assert args.results == args.out / "results.md" and args.sets[:2] == ["tile=124", "batch_size=2"]
+
+
+def test_time_limit_skips_whole_experiments(monkeypatch, tmp_path):
+    clock = [0.0]
+    minutes = {"em": 10.0, "nuclei": 12.0}
+
+    def fake_run_job(job, *, device, crop, progress):
+        clock[0] += 60 * minutes[job.dataset]
+        return {"fold": job.fold}, False
+
+    monkeypatch.setattr(reproduce, "run_job", fake_run_job)
+    monkeypatch.setattr(reproduce.time, "perf_counter", lambda: clock[0])
+    config = reproduce.experiment_config("em", "unet", "fast", 2, [])
+    jobs = [reproduce.Job(d, v, k, (), (), config, tmp_path)
+            for d, v, folds in (("em", "unet", (0, 1)), ("em", "monai", (0, 1)), ("nuclei", "unet", (None,)))
+            for k in folds]  # fmt: skip
+    args = reproduce.parse_args(["--data", str(tmp_path), "--time-limit", "45"])
+    results, book = reproduce.run_jobs(jobs, args, None)
+    # after em/unet (20 min, longest job 10): em/monai needs 2 x 10 -> 40 <= 45, runs;
+    # then nuclei/unet would need 1 x 10 more -> 50 > 45: skipped whole
+    assert book["skipped"] == ["nuclei/unet"] and book["trained_now"] == 4
+    assert {v: [r["fold"] for r in recs] for v, recs in results["em"].items()} == {"unet": [0, 1], "monai": [0, 1]}
+    assert results["nuclei"] == {}
+
+
+# --------------------------------------------------------------------------------------------
+# The quick run, end to end on the real data
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.data
+@requires_data
+def test_quick_run_writes_results_page_and_figures(tmp_path):
+    page, figures = tmp_path / "results.md", tmp_path / "images"
+    command = [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--quick", "--out", str(tmp_path / "run"),
+               "--results", str(page), "--figures", str(figures), "--threads", "2"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "BIOUNET_DATA": DATA})
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = page.read_text()
+    for heading in ("## How these numbers were made", "### What ran", "## ISBI 2012 EM: cross-validation",
+                    "## Touching nuclei", "## Ablations", "## Same-budget peer: MONAI BasicUNet"):  # fmt: skip
+        assert heading in text, heading
+    assert "Smoke run (`--quick`)" in text and "python experiments/reproduce.py --quick" in text
+    assert "| biounet U-Net + TTA |" in text and "| MONAI BasicUNet (peer) |" in text
+    assert "paper (challenge test set, different split)" in text and "0.000353" in text
+    assert "Cell Tracking Challenge" in text and "cannot be obtained here" in text
+    for change in reproduce.ABLATIONS.values():
+        assert f"| {change} |" in text
+    assert str(Path(DATA)) not in text  # no absolute data path on the page
+    for name in ("results_em.png", "results_nuclei.png"):
+        assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(images/{name})" in text
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["key"]["fold"] for r in results["em"]["unet"]] == [0, 1]
+    assert set(results["em"]) == set(reproduce.VARIANTS) == set(results["nuclei"])
+    assert set(results["em"]["unet"][0]["plain"]) == set(common.EM_METRICS)
+    assert len(results["nuclei"]["unet"]["plain"]) == 3  # one validation image per category
