@@ -202,9 +202,9 @@ def nuclei_scores(
 
     The objects come from :func:`biounet.inference.labels_from_probabilities` with
     ``postprocess`` (a model's ``info.postprocess``, e.g. ``{"split": "distance"}``), the
-    labels that ``biounet predict`` writes for that model. Keys: ``iou`` (foreground IoU), ``seg`` (Cell Tracking Challenge SEG), ``f1`` and ``ap``
-    (object F1 and TP / (TP + FP + FN) at IoU > 0.5), ``touching`` and ``merged``
-    (:func:`merged_touching_pairs`).
+    labels that ``biounet predict`` writes for that model. Keys: ``iou`` (foreground IoU),
+    ``seg`` (Cell Tracking Challenge SEG), ``f1`` and ``ap`` (object F1 and
+    TP / (TP + FP + FN) at IoU > 0.5), ``touching`` and ``merged`` (:func:`merged_touching_pairs`).
     """
     pred = labels_from_probabilities(probabilities, **(postprocess or {}))
     matching = match_objects(gt, pred, thresholds=(0.5,))

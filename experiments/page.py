@@ -66,7 +66,9 @@ def _header(results: dict[str, Any]) -> list[str]:
     elif meta["device"] == "cpu":
         lines += [f"> **CPU-scale run.** `{meta['preset']}` preset, {meta['steps']} training steps per model, on a "
                   "shared CPU; the paper trained for 10 hours on a GPU. These numbers show what this budget gives, "
-                  "not what U-Net can do, and differences between rows of this size may be noise.", ""]  # fmt: skip
+                  "not what U-Net can do, and differences between rows of this size may be noise. The load of the "
+                  "shared CPU varied during the run, so training times of different rows are not comparable.",
+                  ""]  # fmt: skip
     gpu = f"; GPU {hw['gpu']}" if "gpu" in hw else ""
     monai = f", MONAI {hw['monai']}" if "monai" in hw else ""
     return lines + [
@@ -78,7 +80,8 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"{meta['reused']} from earlier invocations with identical settings.",
         f"- Hardware: {hw['cpu']}; load average at start {hw['load']}{gpu}; device `{hw['device']}`",
         f"- Software: Python {hw['python']}, torch {hw['torch']}{monai}",
-        f"- Recipe (`{meta['preset']}` preset + `configs/`): {config_summary(meta['config'])}",
+        *(f"- Recipe, {TITLES[d]} (`{meta['preset']}` preset + `configs/{d}.toml`): {config_summary(c)}"
+          for d, c in meta["configs"].items()),
         "",
     ]  # fmt: skip
 
@@ -100,8 +103,10 @@ def _what_ran(results: dict[str, Any]) -> list[str]:
     lines = ["### What ran", "", markdown_table(header, rows), ""]
     skipped = list(dict.fromkeys(name.rsplit("/fold", 1)[0] for name in meta["skipped"]))
     if skipped:
-        lines += [f"Not run, because they would have ended after the `--time-limit` of {meta['time_limit']} min: "
-                  + ", ".join(f"`{s}`" for s in skipped) + ".", ""]  # fmt: skip
+        lines += [f"Not run: they would have ended after this invocation's `--time-limit` of {meta['time_limit']} min "
+                  "(estimated from the longest model so far): " + ", ".join(f"`{s}`" for s in skipped) + ". Which "
+                  "experiments fit the limit depends on the machine's speed; without `--time-limit` all run.",
+                  ""]  # fmt: skip
     absent = [f"`{d}/{v}`" for d in DATASETS for v in VARIANTS if v not in results[d] and f"{d}/{v}" not in skipped]
     if absent:
         lines += ["Not selected in this run (see `--datasets` and `--variants`): " + ", ".join(absent) + ".", ""]
@@ -152,9 +157,9 @@ def _nuclei_section(record: dict, meta: dict, figure: str | None) -> list[str]:
         f"training and {len(val)} validation images (" + ", ".join(f"{n} {c}" for c, n in counts.items()) + "). "
         "Colour images are read as luminance. Objects: `biounet.postprocess.probabilities_to_labels` on "
         f"p(cell) > 0.5 with the recipe's post-processing (`split = \"{record['key']['config']['split']}\"`; "
-        "the peer's probabilities get the same), the labels `biounet predict` writes. Scores are per validation image, mean ± standard deviation over images. A "
-        "touching pair is two true nuclei with 4-adjacent pixels; it is merged when one predicted object covers "
-        "more than half of each.", "",
+        "the peer's probabilities get the same), the labels `biounet predict` writes. Scores are per validation "
+        "image, mean ± standard deviation over images. A touching pair is two true nuclei with 4-adjacent "
+        "pixels; it is merged when one predicted object covers more than half of each.", "",
         markdown_table(NUCLEI_HEADER, [nuclei_row(LABELS["unet"], val),
                                        nuclei_row(LABELS["unet"] + " + TTA", record["tta"])]),
         "",

@@ -387,9 +387,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run_jobs(jobs: Sequence[Job], args: argparse.Namespace, crop: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run (or reuse) the jobs, experiment by experiment (a variant on a data set, all its folds).
 
-    With ``--time-limit`` an experiment is skipped whole when the jobs it still has to train,
-    at the duration of the longest job so far, would end past the limit; so every experiment
-    on the page ran on all its folds. Returns the results by data set and variant, and the bookkeeping.
+    With ``--time-limit`` an experiment is skipped whole when the jobs it still has to train
+    would end past the limit, each estimated at the longest job seen so far (trained now, or
+    reused with the time it took then, this experiment's own earlier jobs included); so every
+    experiment on the page ran on all its folds. Returns the results by data set and
+    variant, and the bookkeeping.
     """
     started = time.perf_counter()
     results: dict[str, Any] = {"em": {}, "nuclei": {}}
@@ -398,13 +400,14 @@ def run_jobs(jobs: Sequence[Job], args: argparse.Namespace, crop: int | None) ->
     experiments: dict[tuple[str, str], list[Job]] = {}
     for job in jobs:
         experiments.setdefault((job.dataset, job.variant), []).append(job)
-    for group in experiments.values():
+    for (dataset, variant), group in experiments.items():
+        cached = [cached_record(job, crop) for job in group]
+        longest = max([longest, *(r["train_seconds"] + r["score_seconds"] for r in cached if r is not None)])
+        to_train = sum(r is None for r in cached)
         elapsed = time.perf_counter() - started
-        to_train = sum(cached_record(job, crop) is None for job in group)
         if args.time_limit is not None and to_train and elapsed + to_train * longest > 60 * args.time_limit:
             skipped += [job.name for job in group]
-            log.warning("%s/%s: skipped, the time limit of %s min would be passed", group[0].dataset,
-                        group[0].variant, args.time_limit)  # fmt: skip
+            log.warning("%s/%s: skipped, the time limit of %s min would be passed", dataset, variant, args.time_limit)
             continue
         for job in group:
             t0 = time.perf_counter()
@@ -413,10 +416,10 @@ def run_jobs(jobs: Sequence[Job], args: argparse.Namespace, crop: int | None) ->
                 trained += 1
                 longest = max(longest, time.perf_counter() - t0)
             done[job.name] = job
-            if job.dataset == "em":
-                results["em"].setdefault(job.variant, []).append(record)
+            if dataset == "em":
+                results["em"].setdefault(variant, []).append(record)
             else:
-                results["nuclei"][job.variant] = record
+                results["nuclei"][variant] = record
     return results, {"done": done, "skipped": skipped, "trained_now": trained, "reused": len(done) - trained}
 
 
@@ -438,13 +441,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs.sort(key=lambda j: (VARIANTS.index(j.variant), DATASETS.index(j.dataset), j.fold or 0))
     results, book = run_jobs(jobs, args, crop)
 
-    base = make_config(args.datasets[0], "unet")
+    configs = {dataset: make_config(dataset, "unet") for dataset in args.datasets}
     records = [r for v in results["em"].values() for r in v] + list(results["nuclei"].values())
     results["meta"] = {
         "command": "python experiments/reproduce.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "hardware": hardware, "device": args.device, "preset": args.preset, "steps": base.steps,
-        "config": dataclasses.asdict(base), "quick": args.quick, "crop": crop,
+        "hardware": hardware, "device": args.device, "preset": args.preset,
+        "steps": configs[args.datasets[0]].steps, "quick": args.quick, "crop": crop,
+        "configs": {dataset: dataclasses.asdict(config) for dataset, config in configs.items()},
         "val_fraction": args.val_fraction, "split_seed": args.split_seed, "time_limit": args.time_limit,
         "skipped": book["skipped"], "trained_now": book["trained_now"], "reused": book["reused"],
         "train_seconds": sum(r["train_seconds"] for r in records),

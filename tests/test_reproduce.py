@@ -213,6 +213,21 @@ def test_time_limit_skips_whole_experiments(monkeypatch, tmp_path):
     assert results["nuclei"] == {}
 
 
+def test_time_limit_estimates_from_reused_records(tmp_path):
+    config = reproduce.experiment_config("em", "unet", "fast", 2, [])
+    jobs = [reproduce.Job("em", v, k, (), (), config, tmp_path / v / str(k)) for v in ("unet", "monai") for k in (0, 1)]
+    for job in jobs[:2]:  # em/unet was made earlier and took 10 minutes per fold
+        job.run_dir.mkdir(parents=True)
+        record = {"key": reproduce._key(job, None), "train_seconds": 540.0, "score_seconds": 60.0, "fold": job.fold}
+        (job.run_dir / "record.json").write_text(json.dumps(record))
+    args = reproduce.parse_args(["--data", str(tmp_path), "--time-limit", "15"])
+    results, book = reproduce.run_jobs(jobs, args, None)
+    # nothing trained now, but em/monai's 2 jobs at 10 min each would pass 15 min: skipped
+    assert book["skipped"] == ["em/monai/fold0", "em/monai/fold1"]
+    assert (book["trained_now"], book["reused"]) == (0, 2)
+    assert [r["fold"] for r in results["em"]["unet"]] == [0, 1]
+
+
 # --------------------------------------------------------------------------------------------
 # The quick run, end to end on the real data
 # --------------------------------------------------------------------------------------------
@@ -220,6 +235,7 @@ def test_time_limit_skips_whole_experiments(monkeypatch, tmp_path):
 @pytest.mark.data
 @requires_data
 def test_quick_run_writes_results_page_and_figures(tmp_path):
+    pytest.importorskip("monai", reason="the MONAI peer needs monai (pip install 'biounet[bench]')")
     page, figures = tmp_path / "results.md", tmp_path / "images"
     command = [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--quick", "--out", str(tmp_path / "run"),
                "--results", str(page), "--figures", str(figures), "--threads", "2"]  # fmt: skip
