@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from biounet.datasets import Sample
-from biounet.train import TrainConfig, _lr_factor, _optimizer
+from biounet.train import TrainConfig, lr_factor, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def train_peer(
     tile = peer_tile(config)
     transform = _augmentation(tile, config.seed)
     net = peer_network(config, data[0]["image"].shape[0]).to(device)
-    optimizer = _optimizer(net, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
+    optimizer = make_optimizer(net, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     net.train()
     started = time.perf_counter()

@@ -235,8 +235,13 @@ def normalize_percentile(
     if not np.isfinite(data).all():
         raise ValueError("normalize_percentile: the image has NaN or infinite pixels")
     lo, hi = np.percentile(data, [low, high], axis=axis, keepdims=axis is not None)
-    scale = np.maximum(hi - lo, np.float32(1e-12))
-    return ((data - lo) / scale).astype(np.float32, copy=False)
+    return rescale_intensity(data, lo, hi)
+
+
+def rescale_intensity(data: np.ndarray, low: np.ndarray | float, high: np.ndarray | float) -> np.ndarray:
+    """``(x - low) / max(high - low, 1e-12)`` in float32: ``low`` maps to 0, ``high`` to 1, not clipped."""
+    scale = np.maximum(np.asarray(high) - low, np.float32(1e-12))
+    return ((data - low) / scale).astype(np.float32, copy=False)
 
 
 def to_uint8(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:

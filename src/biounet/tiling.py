@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from biounet.io import normalize_percentile
+from biounet.io import normalize_percentile, rescale_intensity
 from biounet.model import UNet, UNetConfig
 
 log = logging.getLogger(__name__)
@@ -238,8 +238,7 @@ def normalize_items(
         return normalize_percentile(items, normalization[0], normalization[1], axis=spatial)
     shape = (1, -1) + (1,) * (items.ndim - 2)
     low, high = (np.asarray(intensity_range, np.float64)[:, k].reshape(shape) for k in (0, 1))
-    scale = np.maximum(high - low, np.float32(1e-12))
-    return ((items - low) / scale).astype(np.float32, copy=False)
+    return rescale_intensity(items, low, high)
 
 
 def _check_intensity_range(intensity_range: object, channels: int) -> np.ndarray | None:

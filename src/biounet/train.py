@@ -252,8 +252,8 @@ def train_steps(
         model = model.to(memory_format=torch.channels_last)
     tile_in = model.config.valid_input_size(config.tile)
     tile_out = model.output_size(tile_in)
-    optimizer = _optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device_.index] if device_.type == "cuda" else None)
@@ -427,7 +427,8 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise ValueError(f"{run_dir}: holds a run already; use --resume to continue it or choose another folder")
 
 
-def _optimizer(model: UNet, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser of ``config``: SGD with Nesterov momentum, Adam or AdamW, over ``model``'s parameters."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay, nesterov=True)  # fmt: skip
@@ -435,7 +436,7 @@ def _optimizer(model: UNet, config: TrainConfig) -> torch.optim.Optimizer:
     return kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _lr_factor(step: int, config: TrainConfig) -> float:
+def lr_factor(step: int, config: TrainConfig) -> float:
     """Linear warm-up over ``warmup`` steps, then constant, polynomial (power 0.9) or cosine decay."""
     if step < config.warmup:
         return (step + 1) / config.warmup
