@@ -72,7 +72,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import biounet
 from biounet.largeimage import predict_dask, predict_to_zarr
-from biounet.tiling import plan_tiles, tiling_efficiency
+from biounet.tiling import plan_tiles, tile_input_shapes, tiling_efficiency
 
 PAPER_TILE = 572
 MONAI_ROI, MONAI_OVERLAP = 512, 0.25
@@ -81,11 +81,11 @@ MONAI_ROI, MONAI_OVERLAP = 512, 0.25
 # ------------------------------------------------------------------------------------------
 # tiling
 # ------------------------------------------------------------------------------------------
-def flops_per_tile(model: torch.nn.Module, size: int) -> int:
+def flops_per_tile(model: torch.nn.Module, shape: tuple[int, int]) -> int:
     meta = biounet.UNet(**model.config.to_dict()).to("meta").eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        meta(torch.empty(1, model.config.in_channels, size, size, device="meta"))
+        meta(torch.empty(1, model.config.in_channels, *shape, device="meta"))
     return counter.get_total_flops()
 
 
@@ -99,25 +99,28 @@ def monai_windows(size: int) -> int:
 
 def tiling_table(sizes: Sequence[int]) -> str:
     paper = biounet.UNet()
-    flops: dict[int, int] = {}
+    flops: dict[tuple[int, int], int] = {}
 
-    def gflop_per_mpx(count: int, tile: int, size: int) -> float:
-        flops.setdefault(tile, flops_per_tile(paper, tile))
-        return count * flops[tile] / 1e9 / (size * size / 1e6)
+    def gflop_per_mpx(shapes: dict[tuple[int, int], int], size: int) -> float:
+        for shape in shapes:
+            flops.setdefault(shape, flops_per_tile(paper, shape))
+        return sum(n * flops[shape] for shape, n in shapes.items()) / 1e9 / (size * size / 1e6)
 
     lines = ["| image | biounet tiles | efficiency | GFLOP / Mpx | 572 px tiles | efficiency | GFLOP / Mpx "
              "| MONAI windows (512, 0.25) | efficiency |", "|" + "---|" * 9]  # fmt: skip
     for size in sizes:
         layout = plan_tiles(paper.config, (size, size))
-        count = math.prod(a.count for a in layout)
+        shapes = tile_input_shapes(layout)
+        tiles = " + ".join(f"{n} x {'x'.join(map(str, shape))}" for shape, n in shapes.items())
         fixed = math.ceil(size / paper.output_size(PAPER_TILE)) ** 2
         fixed_eff = size * size / (fixed * paper.output_size(PAPER_TILE) ** 2)
         windows = monai_windows(size) ** 2
         monai_eff = size * size / (windows * MONAI_ROI**2)
+        fixed_gflop = gflop_per_mpx({(PAPER_TILE, PAPER_TILE): fixed}, size)
         lines.append(
-            f"| {size}² | {count} x {layout[0].tile_in}² | {tiling_efficiency(layout):.3f} "
-            f"| {gflop_per_mpx(count, layout[0].tile_in, size):.0f} | {fixed} x {PAPER_TILE}² | {fixed_eff:.3f} "
-            f"| {gflop_per_mpx(fixed, PAPER_TILE, size):.0f} | {windows} x {MONAI_ROI}² | {monai_eff:.3f} |"
+            f"| {size}² | {tiles} | {tiling_efficiency(layout):.3f} | {gflop_per_mpx(shapes, size):.0f} "
+            f"| {fixed} x {PAPER_TILE}² | {fixed_eff:.3f} | {fixed_gflop:.0f} "
+            f"| {windows} x {MONAI_ROI}² | {monai_eff:.3f} |"
         )
     return "\n".join(lines)
 

@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -59,13 +60,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import biounet
 from biounet.io import atomic_write
-from biounet.tiling import plan_tiles, tiling_efficiency
+from biounet.tiling import plan_tiles, tile_input_shapes, tiling_efficiency
 
 #: Input tiles of the bare forward passes of the paper net (388 and 516 px outputs).
 BARE_TILES = (572, 700)
 DEFAULT_SIZES = {"cpu": (512, 1024), "cuda": (512, 2048, 8192)}
 DEFAULT_REPEATS = {"cpu": 3, "cuda": 10}
 OVERLAP = 0.25
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Side of the square matrices of the matrix-product rate (the machine's dense-math ceiling).
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,14 @@ class Settings:
     batch_size: int
     roi: int
     base_channels: int
+    precision: str = "float32"
+    compile: str | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to the run's precision (both libraries alike); nothing for float32."""
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class Row:
     gflop_per_s: float
     of_bare: float | None
     peak_memory_mib: float | None
+    of_matmul: float | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,30 +211,33 @@ class CountingPredictor:
         return self.net(x)
 
 
-def bare_case(method: str, net: nn.Module, flops: FlopCount, size: int, output: int, device: torch.device) -> Case:
+def bare_case(method: str, net: nn.Module, flops: FlopCount, size: int, output: int, settings: Settings) -> Case:
     """One forward pass of one ``size``-px tile, batch 1, input already on the device."""
-    x = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    x = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0)).to(settings.device)
 
     def run() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), settings.autocast():
             net(x)
 
     return Case(method, None, output * output, run, lambda: (f"1 x {size}²", None, flops(size, size)))
 
 
-def biounet_case(model: biounet.UNet, flops: FlopCount, image: np.ndarray, ceiling: Case, settings: Settings) -> Case:
+def biounet_case(
+    model: biounet.UNet, flops: FlopCount, image: np.ndarray, ceiling: Case, settings: Settings, compile: str | None
+) -> Case:
     layout = plan_tiles(model.config, image.shape)
-    count = math.prod(a.count for a in layout)
-    tile_shape = tuple(a.tile_in for a in layout)
+    shapes = tile_input_shapes(layout)
 
     def run() -> None:
-        biounet.predict(model, image, batch_size=settings.batch_size, device=settings.device, progress=False)
+        biounet.predict(model, image, batch_size=settings.batch_size, device=settings.device,
+                        precision=settings.precision, compile=compile or False, progress=False)  # fmt: skip
 
     def describe() -> tuple[str, float, int]:
-        tiles = f"{count} x {'x'.join(map(str, tile_shape))}"
-        return tiles, tiling_efficiency(layout), count * flops(*tile_shape)
+        tiles = " + ".join(f"{n} x {'x'.join(map(str, shape))}" for shape, n in shapes.items())
+        return tiles, tiling_efficiency(layout), sum(n * flops(*shape) for shape, n in shapes.items())
 
-    return Case("biounet.predict (paper U-Net)", image.shape[0], image.size, run, describe, ceiling)
+    method = "biounet.predict (paper U-Net)" + (f", compiled ({compile})" if compile else "")
+    return Case(method, image.shape[0], image.size, run, describe, ceiling)
 
 
 def monai_case(net: nn.Module, flops: FlopCount, image: np.ndarray, ceiling: Case, settings: Settings) -> Case:
@@ -229,11 +245,11 @@ def monai_case(net: nn.Module, flops: FlopCount, image: np.ndarray, ceiling: Cas
 
     def run() -> np.ndarray:
         x = torch.from_numpy(image)[None, None].to(settings.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), settings.autocast():
             logits = sliding_window_inference(
                 x, settings.roi, settings.batch_size, predictor, overlap=OVERLAP, mode="gaussian"
             )
-            return torch.softmax(logits, dim=1)[0].cpu().numpy()
+        return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
 
     def describe() -> tuple[str, float, int]:  # after exactly one call: the warm-up
         windows = predictor.windows
@@ -241,6 +257,27 @@ def monai_case(net: nn.Module, flops: FlopCount, image: np.ndarray, ceiling: Cas
         return f"{windows} x {settings.roi}²", efficiency, windows * flops(settings.roi, settings.roi)
 
     return Case("MONAI sliding window (BasicUNet)", image.shape[0], image.size, run, describe, ceiling)
+
+
+def matmul_tflops(device: torch.device, precision: str, repeats: int) -> float:
+    """Dense matrix-product rate in TFLOP/s (``2 n**3`` per product), best of ``repeats`` timings.
+
+    Square ``n x n`` products (8192 on a GPU, 2048 on a CPU), 10 on a GPU and 2 on a CPU per
+    timing, after a warm-up: the rate the convolutions could reach at best on this machine.
+    """
+    n = MATMUL_SIZE[device.type]
+    calls = 10 if device.type == "cuda" else 2
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator).to(device, DTYPES[precision]) for _ in range(2))
+    best = math.inf
+    for _ in range(repeats + 1):  # the first is the warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * calls / best / 1e12
 
 
 # ------------------------------------------------------------------------------------------
@@ -270,6 +307,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
     head = ["method", "image", "tiles", "tiling eff.", "s / image", "output Mpx/s", "GFLOP / image", "GFLOP/s",
             "of bare"]
     head += ["peak GPU MiB"] if show_memory else []
+    show_matmul = any(r.of_matmul is not None for r in rows)
+    head += ["of matmul"] if show_matmul else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -284,12 +323,13 @@ def markdown_table(rows: Sequence[Row]) -> str:
             _fmt(r.of_bare, ".0%"),
         ]
         cells += [_fmt(r.peak_memory_mib, ".0f")] if show_memory else []
+        cells += [_fmt(r.of_matmul, ".0%")] if show_matmul else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def speedups(rows: Sequence[Row]) -> list[str]:
-    ours = {r.image: r for r in rows if r.method.startswith("biounet")}
+    ours = {r.image: r for r in rows if r.method == "biounet.predict (paper U-Net)"}
     theirs = {r.image: r for r in rows if r.method.startswith("MONAI")}
     return [
         f"- {size}²: biounet {ours[size].mpx_per_s / theirs[size].mpx_per_s:.2f}x MONAI's output Mpx/s"
@@ -309,6 +349,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--batch-size", type=int, default=4, help="biounet batch_size = MONAI sw_batch_size")
     parser.add_argument("--roi", type=int, default=512, help="MONAI roi_size (default 512)")
+    parser.add_argument("--precision", choices=tuple(DTYPES), default="float32",
+                        help="autocast precision of every row and of the matrix-product rate (default float32)")
+    parser.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
+                        help="add rows of biounet.predict(compile=MODE) (reduce-overhead: CUDA graphs)")
     parser.add_argument("--quick", action="store_true", help="smoke check: 8-channel nets, one 256 px image")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -334,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         roi=args.roi,
         base_channels=8 if args.quick else 64,
+        precision=args.precision,
+        compile=args.compile,
     )
     torch.manual_seed(0)
     widths = tuple(settings.base_channels * 2**level for level in range(5))
@@ -346,15 +392,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     start = time.perf_counter()
-    bare = [bare_case("bare forward, paper U-Net", ours, ours_flops, size, ours.output_size(size), settings.device)
+    precisions = dict.fromkeys([settings.precision, "bfloat16"])  # the issue's reference is the bf16 rate
+    matmul = {p: matmul_tflops(settings.device, p, settings.repeats) for p in precisions}
+    bare = [bare_case("bare forward, paper U-Net", ours, ours_flops, size, ours.output_size(size), settings)
             for size in BARE_TILES]
-    bare_theirs = bare_case("bare forward, BasicUNet", theirs, theirs_flops, settings.roi, settings.roi,
-                            settings.device)
+    bare_theirs = bare_case("bare forward, BasicUNet", theirs, theirs_flops, settings.roi, settings.roi, settings)
     cases = [*bare, bare_theirs]
     for image in images:
-        cases.append(biounet_case(ours, ours_flops, image, bare[-1], settings))
+        cases.append(biounet_case(ours, ours_flops, image, bare[-1], settings, None))
+        if settings.compile:
+            cases.append(biounet_case(ours, ours_flops, image, bare[-1], settings, settings.compile))
         cases.append(monai_case(theirs, theirs_flops, image, bare_theirs, settings))
     rows = measure(cases, settings.repeats, settings.device)
+    rows = [dataclasses.replace(r, of_matmul=r.gflop_per_s / 1e3 / matmul[settings.precision]) for r in rows]
     elapsed = time.perf_counter() - start
     load_after = os.getloadavg()
 
@@ -365,6 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch_size": settings.batch_size,
         "monai_roi": settings.roi,
         "monai_overlap": OVERLAP,
+        "precision": settings.precision,
+        "compile": settings.compile,
+        "matmul_tflops": matmul,
+        "matmul_size": MATMUL_SIZE[settings.device.type],
         "load_average_before": load_before,
         "load_average_after": load_after,
         "wall_seconds": elapsed,
@@ -373,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# Prediction benchmark ({meta['date']})\n")
     print(f"device {meta.get('gpu', 'cpu')}, {meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads, "
           f"Python {meta['python']}, torch {meta['torch']}, MONAI {meta['monai']}")
+    print(f"precision {settings.precision}, compile {settings.compile}; matrix product "
+          + ", ".join(f"{p} {rate:.3g} TFLOP/s" for p, rate in matmul.items())
+          + f" ({meta['matmul_size']}² x {meta['matmul_size']}²)")
     print(f"widths {widths}, batch {settings.batch_size}, MONAI roi {settings.roi} overlap {OVERLAP} gaussian, "
           f"median of {settings.repeats} round-robin runs after 1 warm-up, {elapsed:.0f} s in all")
     print("load average (1, 5, 15 min) before {:.2f} {:.2f} {:.2f}, after {:.2f} {:.2f} {:.2f}\n".format(

@@ -27,7 +27,8 @@ def config_summary(config: dict[str, Any]) -> str:
     """One line naming the fields of a ``TrainConfig`` (as a dict) that define a run."""
     grid = config["elastic_grid"]
     return (
-        f"width {config['base_channels']}, depth {config['depth']}, {config['padding']} padding, tile "
+        f"width {config['base_channels']}, depth {config['depth']}, {config['padding']} padding, "
+        f"{config.get('norm') or 'no'} normalisation layers, tile "
         f"{config['tile']}, batch {config['batch_size']}, {config['optimizer']} lr {config['lr']} "
         f"({config['schedule']}), {config['steps']} steps, w0 {config['w0']}, sigma {config['sigma']}, "
         f"elastic std {config['elastic_std']} px on a {grid}x{grid} grid, post-processing split "

@@ -38,6 +38,12 @@ STRIDE = 16
 #: Range of the elastic control-point offsets in pixels (the paper's standard deviation is 10).
 ELASTIC_MAGNITUDE = (0.0, 10.0)
 WEIGHTS = "peer.pt"
+#: The fields of the biounet recipe that the peer uses (its own network, augmentation and
+#: loss replace the rest); a peer run is reused when these are unchanged.
+RECIPE_FIELDS = (
+    "base_channels", "tile", "batch_size", "steps", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+    "warmup", "seed", "split",
+)  # fmt: skip
 
 
 def peer_tile(config: TrainConfig) -> int:

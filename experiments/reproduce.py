@@ -124,9 +124,12 @@ def seam_error(model: UNet, image: np.ndarray, config: TrainConfig, device: str)
 
 
 def _key(job: Job, crop: int | None) -> dict[str, Any]:
+    """What makes a job's record: data, split and the recipe fields the job's model uses."""
+    config = dataclasses.asdict(job.config)
+    if job.variant == "monai":  # the peer ignores the U-Net's own fields (norm, w0, padding, ...)
+        config = {name: config[name] for name in peer_monai.RECIPE_FIELDS}
     key = {
-        "dataset": job.dataset, "variant": job.variant, "fold": job.fold, "crop": crop,
-        "config": dataclasses.asdict(job.config),
+        "dataset": job.dataset, "variant": job.variant, "fold": job.fold, "crop": crop, "config": config,
         "train": [s.name for s in job.train], "test": [s.name for s in job.test],
     }  # fmt: skip
     return json.loads(json.dumps(key))

@@ -11,15 +11,13 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def data_root() -> Path | None:
-    """``$BIOUNET_DATA`` if it names an existing folder, else None."""
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data folder ``$BIOUNET_DATA``; the test is skipped, with the reason, when it is absent."""
     root = os.environ.get("BIOUNET_DATA")
-    return Path(root) if root and Path(root).is_dir() else None
-
-
-requires_data = pytest.mark.skipif(
-    data_root() is None, reason="real data not available: set BIOUNET_DATA to the shared data folder"
-)
+    if not root or not Path(root).is_dir():
+        pytest.skip("real data not available: set BIOUNET_DATA to the shared data folder")
+    return Path(root)
 
 
 @pytest.fixture(scope="session")

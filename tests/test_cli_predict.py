@@ -11,7 +11,7 @@ import tifffile
 import torch
 
 from biounet import UNet, load_model, predict
-from biounet.cli import main
+from biounet.cli import build_parser, main
 from biounet.io import read_image, read_image_axes
 
 
@@ -42,6 +42,18 @@ def test_predict_writes_outputs_equal_to_api(tmp_path, model_dir):
     labels = read_image(tmp_path / "out" / "a_labels.tif")
     assert labels.shape == (70, 50) and labels.dtype == np.uint16
     assert read_image(tmp_path / "out" / "a_overlay.png").shape == (70, 50, 3)
+
+
+def test_compile_option_takes_the_modes(tmp_path, model_dir, capsys):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((20, 20), np.float32))
+    args = ["predict", str(model_dir), str(tmp_path / "a.tif"), "-o", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(SystemExit):
+        main([*args, "--compile", "fastest"])
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+    parser = build_parser()
+    assert parser.parse_args([*args, "--compile"]).compile == "default"
+    assert parser.parse_args([*args, "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert parser.parse_args(args).compile is None
 
 
 def test_predict_stack_keeps_axes(tmp_path, model_dir):

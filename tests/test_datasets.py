@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +27,6 @@ from biounet.datasets import (
     synthetic_cells,
 )
 from biounet.io import read_image, write_png
-
-DATA = os.environ.get("BIOUNET_DATA")
-needs_data = pytest.mark.skipif(
-    not DATA or not Path(DATA).is_dir(), reason="BIOUNET_DATA is not set to the data folder"
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,10 +483,9 @@ def test_tile_dataset_rejects_bad_arguments():
 # --------------------------------------------------------------------------------------------
 # the real data
 # --------------------------------------------------------------------------------------------
-@needs_data
 @pytest.mark.data
-def test_isbi2012_real_data_loads():
-    root = Path(DATA) / "isbi2012-em"
+def test_isbi2012_real_data_loads(data_dir):
+    root = data_dir / "isbi2012-em"
     samples = load_dataset(root)
     assert [s.name for s in samples] == [f"{i:02d}" for i in range(25)]
     membrane = [1 - s.target.mean() for s in samples]
@@ -510,12 +503,11 @@ def test_isbi2012_real_data_loads():
         assert image.shape == (512, 512) and image.dtype == np.uint8
 
 
-@needs_data
 @pytest.mark.data
-def test_dsb2018_real_data_loads_and_weight_maps():
+def test_dsb2018_real_data_loads_and_weight_maps(data_dir):
     from biounet.weights import weight_map
 
-    root = Path(DATA) / "dsb2018-nuclei"
+    root = data_dir / "dsb2018-nuclei"
     with open(root / "manifest.csv", newline="") as f:
         manifest = {row["id"]: row for row in csv.DictReader(f)}
     samples = load_dataset(root)

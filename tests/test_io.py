@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from biounet.io import atomic_write, label_overlay, normalize_percentile, read_image, read_image_axes, write_png, write_tiff
+from biounet.io import (
+    atomic_folder, atomic_write, label_overlay, normalize_percentile, read_image, read_image_axes, write_png,
+    write_tiff,
+)
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -22,6 +25,30 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
         assert tmp.suffix == ".txt" and tmp.parent == tmp_path
         tmp.write_text("new")
     assert target.read_text() == "new"
+
+
+def test_atomic_folder_replaces_only_on_success(tmp_path):
+    import os
+
+    target = tmp_path / "out.zarr"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "half").write_text("half")
+            raise RuntimeError("boom")
+    assert [p.name for p in target.iterdir()] == ["old"]
+    assert list(tmp_path.iterdir()) == [target]  # no temporary folder left behind
+    with atomic_folder(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        (tmp / "new").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new"] and list(tmp_path.iterdir()) == [target]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask
+    with pytest.raises(ValueError, match="cannot write to folder"):
+        with atomic_folder(tmp_path / "missing" / "x.zarr"):
+            pass
 
 
 def test_atomic_write_missing_folder_is_clear(tmp_path):

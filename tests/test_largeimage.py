@@ -289,9 +289,16 @@ def test_bfloat16_stays_within_documented_tolerance_of_float32(seed, depth, widt
 
 
 @pytest.mark.slow
-def test_compiled_model_gives_the_eager_result():
+@pytest.mark.parametrize("mode", [True, "reduce-overhead"])
+def test_compiled_model_gives_the_eager_result(mode):
     model = net(2)
     image = np.random.default_rng(9).random((40, 40)).astype(np.float32)
     np.testing.assert_allclose(
-        predict(model, image, compile=True, progress=False), predict(model, image, progress=False), atol=1e-5
+        predict(model, image, compile=mode, progress=False), predict(model, image, progress=False), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("mode", ["fast", 1, None])
+def test_unknown_compile_mode_is_one_clear_error(mode):
+    with pytest.raises(ValueError, match="compile must be True, False or one of default, reduce-overhead"):
+        predict(net(2), np.zeros((20, 20), np.float32), compile=mode, progress=False)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import collections
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +17,6 @@ from scipy import ndimage
 
 from biounet import metrics as M
 
-DATA = os.environ.get("BIOUNET_DATA")
-requires_data = pytest.mark.skipif(
-    not DATA or not Path(DATA).is_dir(), reason="real data not available: set BIOUNET_DATA to the shared data folder"
-)
 
 # --------------------------------------------------------------------------------------------
 # Plain, slow references (pixel loops, written from the algorithms' descriptions)
@@ -615,11 +609,10 @@ def test_object_matching_edge_cases():
 # Real data
 # --------------------------------------------------------------------------------------------
 @pytest.mark.data
-@requires_data
-def test_real_isbi_slice_identity_and_blur():
+def test_real_isbi_slice_identity_and_blur(data_dir):
     import imageio.v3 as iio
 
-    gt = iio.imread(Path(DATA) / "isbi2012-em" / "labels" / "00.png")
+    gt = iio.imread(data_dir / "isbi2012-em" / "labels" / "00.png")
     perfect = M.isbi_scores((gt > 0).astype(np.float32), gt, warping=False).summary()
     assert perfect["v_rand"] == perfect["v_info"] == 1.0
     blurred = ndimage.gaussian_filter((gt > 0).astype(np.float32), 2.0)
@@ -628,11 +621,10 @@ def test_real_isbi_slice_identity_and_blur():
 
 
 @pytest.mark.data
-@requires_data
-def test_real_isbi_crop_matches_fiji_references():
+def test_real_isbi_crop_matches_fiji_references(data_dir):
     import imageio.v3 as iio
 
-    gt = iio.imread(Path(DATA) / "isbi2012-em" / "labels" / "03.png")[100:196, 200:296] > 0
+    gt = iio.imread(data_dir / "isbi2012-em" / "labels" / "03.png")[100:196, 200:296] > 0
     rng = np.random.default_rng(0)
     prob = np.clip(ndimage.gaussian_filter(gt.astype(float), 2.0) + soft(rng, gt.shape, 3.0) * 0.3 - 0.15, 0, 1)
     for t in (0.3, 0.7):

@@ -23,11 +23,6 @@ import reproduce  # noqa: E402
 
 from biounet.metrics import isbi_scores  # noqa: E402
 
-DATA = os.environ.get("BIOUNET_DATA")
-requires_data = pytest.mark.skipif(
-    not DATA or not Path(DATA).is_dir(), reason="real data not available: set BIOUNET_DATA to the shared data folder"
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Touching pairs and merges, against naive loops
@@ -233,13 +228,13 @@ def test_time_limit_estimates_from_reused_records(tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.data
-@requires_data
-def test_quick_run_writes_results_page_and_figures(tmp_path):
+def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
     pytest.importorskip("monai", reason="the MONAI peer needs monai (pip install 'biounet[bench]')")
     page, figures = tmp_path / "results.md", tmp_path / "images"
     command = [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--quick", "--out", str(tmp_path / "run"),
                "--results", str(page), "--figures", str(figures), "--threads", "2"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "BIOUNET_DATA": DATA})
+    env = {**os.environ, "BIOUNET_DATA": str(data_dir)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     text = page.read_text()
     for heading in ("## How these numbers were made", "### What ran", "## ISBI 2012 EM: cross-validation",
@@ -251,7 +246,7 @@ def test_quick_run_writes_results_page_and_figures(tmp_path):
     assert "Cell Tracking Challenge" in text and "cannot be obtained here" in text
     for change in reproduce.ABLATIONS.values():
         assert f"| {change} |" in text
-    assert str(Path(DATA)) not in text  # no absolute data path on the page
+    assert str(data_dir) not in text  # no absolute data path on the page
     for name in ("results_em.png", "results_nuclei.png"):
         assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(images/{name})" in text

@@ -4,7 +4,6 @@ the scores recorded in their ``config.json`` (``provenance.evaluation``) on the 
 from __future__ import annotations
 
 import fnmatch
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -28,10 +27,6 @@ import reproduce  # noqa: E402
 SHIPPED = ("em-membranes", "nuclei")
 MODELS = Path(biounet.__file__).parent / "models"
 LIMIT_BYTES = 25 * 2**20
-DATA = os.environ.get("BIOUNET_DATA")
-requires_data = pytest.mark.skipif(
-    not DATA or not Path(DATA).is_dir(), reason="real data not available: set BIOUNET_DATA to the shared data folder"
-)
 #: Allowed differences between recorded and recomputed scores (thread scheduling and CPU
 #: kernels can move probabilities by ~1e-6, which can flip a pixel at a threshold).
 TOLERANCE = {"v_rand": 2e-3, "v_info": 2e-3, "rand_error": 2e-3, "pixel_error": 2e-3, "warping_error": 1e-4,
@@ -70,14 +65,13 @@ def test_predict_cli_takes_a_shipped_model_by_name(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.data
-@requires_data
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_model_reproduces_recorded_scores(name):
+def test_shipped_model_reproduces_recorded_scores(name, data_dir):
     model = load_model(name)
     provenance = model.info.provenance
     evaluation = provenance["evaluation"]
     config = TrainConfig.from_dict(provenance["recipe"])
-    samples = load_dataset(Path(DATA) / evaluation["dataset"], as_gray=True)
+    samples = load_dataset(data_dir / evaluation["dataset"], as_gray=True)
     by_name = {s.name: s for s in samples}
     test = [by_name[n] for n in evaluation["images"]]
     if evaluation["crop"]:

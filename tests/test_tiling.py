@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from biounet import UNet, UNetConfig, plan_tiles, predict, predict_steps, tiling_efficiency
+from biounet.tiling import tile_input_shapes
 from biounet.io import normalize_percentile
 from biounet.tiling import DIHEDRAL, dihedral, dihedral_inverse, mirror_indices, mirror_pad
 
@@ -61,15 +62,42 @@ def test_512_image_is_one_700_tile_for_paper_net():
 def test_layout_covers_axis_with_aligned_steps(size, tile):
     cfg = UNetConfig()
     (a,) = plan_tiles(cfg, (size,), tile)
-    assert cfg.is_valid_input_size(a.tile_in)
-    assert a.tile_in <= max(tile, 204)  # 204: the smallest tile whose output spans 16 px
+    assert cfg.is_valid_input_size(a.tile_in) and cfg.is_valid_input_size(a.last_in)
+    assert max(a.tile_in, a.last_in) <= max(tile, 204)  # 204: the smallest tile whose output spans 16 px
     assert a.step % 16 == 0
-    assert a.tile_out >= a.step
-    assert (a.count - 1) * a.step + a.tile_out >= size
+    assert a.count == 1 or a.tile_out >= a.step
+    assert (a.count - 1) * a.step + a.last_out >= size
     cuts = a.cuts
     assert cuts[0] == 0 and cuts[-1] == size and all(x <= y for x, y in zip(cuts, cuts[1:]))
     for k in range(a.count):  # tile k owns pixels it has computed
-        assert k * a.step <= cuts[k] and cuts[k + 1] <= k * a.step + a.tile_out
+        assert k * a.step <= cuts[k] and cuts[k + 1] <= k * a.step + a.output_size(k)
+
+
+@given(size=st.integers(1, 3000), tile=st.integers(150, 900))
+@settings(max_examples=100, deadline=None)
+def test_layout_computes_least_among_all_aligned_layouts(size, tile):
+    """Brute force: no layout with as few tiles, aligned steps and a smaller last tile computes less."""
+    cfg = UNetConfig()
+    (a,) = plan_tiles(cfg, (size,), tile)
+    max_in = max(a.tile_in, a.last_in, cfg._valid_input_at_most(tile) or 0)
+    outputs = [n - 2 * cfg.halo for n in range(1, max_in + 1) if cfg.is_valid_input_size(n)]
+    best = min(
+        (a.count - 1) * regular + last
+        for step in (range(16, max_in, 16) if a.count > 1 else [0])
+        for regular in outputs if a.count == 1 or regular >= step
+        for last in outputs if last >= size - (a.count - 1) * step
+    )  # fmt: skip
+    assert a.computed == best
+
+
+def test_large_axis_gets_a_small_last_tile():
+    (a,) = plan_tiles(UNetConfig(), (20000,))
+    assert (a.count, a.tile_in, a.step, a.last_in, a.last_out) == (40, 700, 512, 220, 36)
+    assert a.computed == 39 * 516 + 36
+    assert tiling_efficiency(plan_tiles(UNetConfig(), (20000, 20000))) == pytest.approx((20000 / 20160) ** 2)
+    assert tile_input_shapes(plan_tiles(UNetConfig(), (20000, 1000))) == {
+        (700, 700): 39, (700, 684): 39, (220, 700): 1, (220, 684): 1,
+    }
 
 
 # -- exactness -------------------------------------------------------------------------------

@@ -218,3 +218,21 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert report["checksums"][0] == report["checksums"][1]
     for name in ["log.csv", "checkpoint.pt", "curves.png", "last/weights.safetensors", "best/config.json"]:
         assert (run / name).is_file(), name
+    state = torch.load(run / "checkpoint.pt", weights_only=True)  # each rank's own random streams, for --resume
+    assert len(state["generators"]) == 2 and not torch.equal(*state["generators"])
+
+
+def test_resume_gives_each_rank_its_own_random_streams():
+    from biounet.train import _restore_rng_states
+
+    streams = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    for g in streams:
+        torch.rand(3, generator=g)
+    state = {"generators": [g.get_state() for g in streams], "torch_rngs": [torch.get_rng_state()] * 2}
+    for rank in (0, 1):
+        generator = torch.Generator().manual_seed(99)
+        _restore_rng_states(state, generator, rank, world=2)
+        assert torch.equal(generator.get_state(), streams[rank].get_state())
+    generator = torch.Generator().manual_seed(99)
+    _restore_rng_states(state, generator, 0, world=3)  # another world size: the seed's fresh stream stays
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(99).get_state())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +11,6 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
 from biounet.weights import binary_to_instances, class_frequencies, render_weight_map, weight_map
-
-DATA = os.environ.get("BIOUNET_DATA")
-needs_data = pytest.mark.skipif(
-    not DATA or not Path(DATA).is_dir(), reason="BIOUNET_DATA is not set to the data folder"
-)
 
 
 def naive_weight_map(labels, w0=10.0, sigma=5.0, border="background", class_weights=None):
@@ -213,15 +206,14 @@ def test_cli_show_weights_binary_mask(tmp_path):
     np.testing.assert_array_equal(read_image(out), expected)
 
 
-@needs_data
 @pytest.mark.data
 @pytest.mark.slow
-def test_dsb_brightfield_label_equals_naive_reference():
+def test_dsb_brightfield_label_equals_naive_reference(data_dir):
     import csv
 
     from biounet.io import read_image
 
-    root = Path(DATA) / "dsb2018-nuclei"
+    root = data_dir / "dsb2018-nuclei"
     rows = [r for r in csv.DictReader(open(root / "manifest.csv")) if r["category"] == "brightfield_gray"]
     labels = read_image(root / "labels" / f"{rows[0]['id']}.tif")
     assert labels.shape == (1024, 1024)

@@ -26,7 +26,7 @@ import numpy as np
 
 from biounet.io import ensure_writable_folder, label_overlay, read_image_axes, write_png, write_tiff
 from biounet.model import UNet, load_model
-from biounet.tiling import Precision, predict
+from biounet.tiling import CompileMode, Precision, check_compile, predict
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def predict_files(
     batch_size: int = 4,
     device: str = "cpu",
     precision: Precision = "float32",
+    compile: bool | CompileMode = False,
     tta: bool = False,
     channel_axis: int | None = None,
     chunk: int | None = None,
@@ -139,7 +140,7 @@ def predict_files(
         the image (2D inputs). Streamed inputs give ``<stem>_probabilities.ome.zarr`` and
         ``<stem>_labels.ome.zarr`` (see :func:`biounet.largeimage.predict_to_zarr`)
         and no overlay.
-    tile, batch_size, device, precision, tta, channel_axis, progress
+    tile, batch_size, device, precision, compile, tta, channel_axis, progress
         See :func:`biounet.predict`. ``tta`` is not available for streamed inputs.
     chunk : int, optional
         Stream every input with output chunks of this many pixels per axis.
@@ -152,6 +153,7 @@ def predict_files(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
+    compile = check_compile(compile)
     if not isinstance(model, UNet):
         model = load_model(model, device=device)
     output = ensure_writable_folder(output)
@@ -165,7 +167,7 @@ def predict_files(
             try:
                 report.written[str(path)] = _predict_one(
                     model, path, output, save=save, tile=tile, batch_size=batch_size, device=device,
-                    precision=precision, tta=tta, channel_axis=channel_axis, progress=progress,
+                    precision=precision, compile=compile, tta=tta, channel_axis=channel_axis, progress=progress,
                     stream=chunk is not None or scheduler is not None, chunk=chunk,
                 )
             except (ValueError, OSError, RuntimeError) as exc:

@@ -36,9 +36,6 @@ import contextlib
 import copy
 import logging
 import math
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +50,9 @@ from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
 
 from biounet.inference import is_zarr
+from biounet.io import atomic_folder
 from biounet.model import UNet, UNetConfig
-from biounet.tiling import Precision, chunk_context, mirror_indices, model_items, predict
+from biounet.tiling import CompileMode, Precision, chunk_context, mirror_indices, model_items, predict
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +315,7 @@ def predict_dask(
     device: str | None = None,
     precision: Precision = "float32",
     intensity_range: np.ndarray | Sequence[float] | None = None,
-    compile: bool = False,
+    compile: bool | CompileMode = False,
 ) -> da.Array:
     """Class probabilities of an image of any size as a lazy dask array, chunk by chunk.
 
@@ -611,27 +609,6 @@ def ngff_attributes(axes: Sequence[tuple[str, str]], scale: Sequence[float], *, 
     return {"ome": {"version": "0.5", "multiscales": [image]}}
 
 
-@contextlib.contextmanager
-def _atomic_folder(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path`` that replaces ``path`` on success, removed on failure."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot write to folder {path.parent}: {exc.strerror or exc}") from exc
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _ngff_array(
     folder: Path, name: str, like: da.Array, dtype: Any, axes: Sequence[tuple[str, str]], scale: dict[str, float],
     zarr_format: int,
@@ -698,7 +675,7 @@ def predict_to_zarr(
     batch_size: int = 4,
     device: str | None = None,
     precision: Precision = "float32",
-    compile: bool = False,
+    compile: bool | CompileMode = False,
     progress: bool = True,
 ) -> list[Path]:
     """Predict ``(items, channels, *spatial)`` pixels chunk by chunk into OME-Zarr images.
@@ -771,7 +748,7 @@ def predict_to_zarr(
         def target(suffix: str, like: da.Array, dtype: Any, axes: list[tuple[str, str]]) -> zarr.Array:
             path = output / f"{stem}_{suffix}.ome.zarr"
             written.append(path)
-            folder = stack.enter_context(_atomic_folder(path))
+            folder = stack.enter_context(atomic_folder(path))
             return _ngff_array(folder, f"{stem}_{suffix}", like, dtype, axes, scale or {}, zarr_format)
 
         if "probabilities" in save:

@@ -38,6 +38,10 @@ from biounet.model import UNet, UNetConfig
 log = logging.getLogger(__name__)
 
 Precision = Literal["float32", "bfloat16", "float16"]
+#: ``torch.compile`` modes: ``"reduce-overhead"`` replays the forward pass as a CUDA graph
+#: (one per tile shape and batch size), ``"max-autotune"`` also searches kernel variants.
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
 
 #: Default largest input tile per axis for 2D models: a 512x512 image is one 700x700 tile.
 DEFAULT_TILE_2D = 700
@@ -83,9 +87,11 @@ def mirror_pad(array: np.ndarray, pads: Sequence[tuple[int, int]]) -> np.ndarray
 class AxisTiling:
     """How one axis of length ``size`` is cut into ``count`` tiles.
 
-    Tile ``k`` reads input pixels ``[k*step - halo, k*step - halo + tile_in)`` (image
-    coordinates; outside the image mirrored) and yields output pixels
-    ``[k*step, k*step + tile_out)``, of which it keeps ``[cut[k], cut[k+1])``.
+    Tile ``k`` reads input pixels ``[k*step - halo, k*step - halo + input_size(k))`` (image
+    coordinates; outside the image mirrored) and yields output pixels ``[k*step, k*step +
+    output_size(k))``, of which it keeps ``[cut[k], cut[k+1])``. All tiles but the last
+    have ``tile_in`` input and ``tile_out`` output pixels; the last has ``last_in`` and
+    ``last_out`` (usually smaller: the remainder of the axis).
     """
 
     size: int
@@ -94,6 +100,16 @@ class AxisTiling:
     step: int
     count: int
     halo: int
+    last_in: int
+    last_out: int
+
+    def input_size(self, k: int) -> int:
+        """Input pixels of tile ``k`` along this axis."""
+        return self.last_in if k == self.count - 1 else self.tile_in
+
+    def output_size(self, k: int) -> int:
+        """Output pixels of tile ``k`` along this axis."""
+        return self.last_out if k == self.count - 1 else self.tile_out
 
     @property
     def cuts(self) -> list[int]:
@@ -104,15 +120,19 @@ class AxisTiling:
     @property
     def computed(self) -> int:
         """Output pixels computed along this axis, kept or not."""
-        return self.count * self.tile_out
+        return (self.count - 1) * self.tile_out + self.last_out
 
 
 def plan_axis(size: int, config: UNetConfig, max_tile: int) -> AxisTiling:
-    """Cut an axis of ``size`` pixels into the fewest, then smallest, tiles of input <= ``max_tile``.
+    """Cut an axis of ``size`` pixels into the fewest tiles of input <= ``max_tile``, wasting least.
 
-    All tiles start at multiples of ``config.stride`` (``2**depth``). Among the layouts with
-    the fewest tiles, the one with the smallest tile (least computed-but-discarded output)
-    is chosen: a 512 px axis is one 700 px input tile (516 px output) for the paper net.
+    All tiles start at multiples of ``config.stride`` (``2**depth``). With the fewest tiles
+    fixed, the step between tiles is chosen to minimise the output pixels computed but not
+    kept; the last tile may have another size than the others (it covers what is left), and
+    among equally wasteful layouts one tile size is preferred, then the larger last tile. A
+    512 px axis is one 700 px input tile (516 px output) for the paper net; a 20000 px axis
+    is 39 tiles of 700 px and one of 220 px (computed output 1.008x the axis, where equal
+    tiles would compute 1.032x).
     """
     halo, unit = config.halo, config.stride
     # the smallest useful tile: it keeps the whole axis, or at least one step of 2**depth
@@ -123,18 +143,24 @@ def plan_axis(size: int, config: UNetConfig, max_tile: int) -> AxisTiling:
     count = 1 if size <= max_out else 1 + math.ceil((size - max_out) / max_step)
     best: AxisTiling | None = None
     for step in range(unit, max_step + 1, unit) if count > 1 else [0]:
-        need = size - (count - 1) * step
+        need = size - (count - 1) * step  # what the last tile must cover
         if need < 1:
             break
-        tile_in = config.valid_input_size(max(need, step) + 2 * halo)
-        tile_out = tile_in - 2 * halo
-        if tile_in > max_in:
+        last_in = config.valid_input_size(need + 2 * halo)
+        tile_in = config.valid_input_size(step + 2 * halo) if count > 1 else last_in
+        if max(tile_in, last_in) > max_in:
             continue
-        if best is None or tile_in < best.tile_in:
-            best = AxisTiling(size, tile_in, tile_out, step, count, halo)
+        option = AxisTiling(size, tile_in, tile_in - 2 * halo, step, count, halo, last_in, last_in - 2 * halo)
+        if best is None or _waste_key(option) < _waste_key(best):
+            best = option
     if best is None:  # pragma: no cover - count was chosen so that max_step fits
         raise RuntimeError(f"no tile layout for size {size} with tiles <= {max_in}")
     return best
+
+
+def _waste_key(a: AxisTiling) -> tuple[int, bool, int]:
+    """Least computed output first; then one tile size (fewer shapes to batch or compile); then the larger last tile."""
+    return a.computed, a.last_in != a.tile_in, -a.last_in
 
 
 def plan_tiles(config: UNetConfig, shape: Sequence[int], tile: int | Sequence[int] | None = None) -> list[AxisTiling]:
@@ -156,6 +182,19 @@ def plan_tiles(config: UNetConfig, shape: Sequence[int], tile: int | Sequence[in
 def tiling_efficiency(layout: Sequence[AxisTiling]) -> float:
     """Useful output pixels over computed output pixels (1.0 = nothing computed in vain)."""
     return math.prod(a.size for a in layout) / math.prod(a.computed for a in layout)
+
+
+def tile_input_shapes(layout: Sequence[AxisTiling]) -> dict[tuple[int, ...], int]:
+    """``{input tile shape: number of tiles}`` of a layout (at most ``2**dims`` shapes)."""
+    shapes: dict[tuple[int, ...], int] = {}
+    for corner in itertools.product(*(range(a.count) for a in layout)):
+        shape = _tile_shape(layout, corner)
+        shapes[shape] = shapes.get(shape, 0) + 1
+    return shapes
+
+
+def _tile_shape(layout: Sequence[AxisTiling], corner: Sequence[int]) -> tuple[int, ...]:
+    return tuple(a.input_size(k) for a, k in zip(layout, corner, strict=True))
 
 
 def chunk_context(config: UNetConfig) -> tuple[int, int]:
@@ -328,16 +367,27 @@ def _memory_format(device: torch.device, dims: int) -> torch.memory_format | Non
     return torch.channels_last if device.type == "cpu" and dims == 2 else None
 
 
-def _runner(model: UNet, device: torch.device, compile: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def check_compile(compile: object) -> bool | CompileMode:
+    """``compile`` if it is a bool or one of :data:`COMPILE_MODES`, else a ValueError naming them."""
+    if isinstance(compile, bool) or compile in COMPILE_MODES:
+        return compile  # type: ignore[return-value]
+    raise ValueError(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}; got {compile!r}")
+
+
+def _runner(model: UNet, device: torch.device, compile: bool | CompileMode) -> Callable[[torch.Tensor], torch.Tensor]:
     """What runs the forward pass: the model in its fastest memory format, compiled if asked.
 
     ``torch.compile`` caches the compiled code on the model's ``forward``, so calling this
-    again for the same model and tile shape does not compile again.
+    again for the same model and tile shape does not compile again. With
+    ``"reduce-overhead"`` on CUDA each output lives in a CUDA graph's memory until the next
+    replay; :func:`_forward` takes its softmax (a new tensor) at once.
     """
     memory_format = _memory_format(device, model.config.dims)
     if memory_format is not None:
         model.to(memory_format=memory_format)  # the same values in another layout; a no-op the second time
-    return torch.compile(model, dynamic=False) if compile else model
+    if not compile:
+        return model
+    return torch.compile(model, dynamic=False, mode=None if compile is True else compile)
 
 
 def predict_steps(
@@ -352,7 +402,7 @@ def predict_steps(
     precision: Precision = "float32",
     intensity_range: np.ndarray | Sequence[float] | None = None,
     context: Sequence[tuple[int, int]] | None = None,
-    compile: bool = False,
+    compile: bool | CompileMode = False,
 ) -> Iterator[Progress]:
     """Generator form of :func:`predict`: yields a :class:`Progress` after every batch of tiles.
 
@@ -364,6 +414,7 @@ def predict_steps(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if precision not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"precision must be 'float32', 'bfloat16' or 'float16', got {precision!r}")
+    compile = check_compile(compile)
     items, stacked = as_model_input(image, config, channel_axis)
     spans = _check_context(context, config.dims)
     if tta and config.dims != 2:
@@ -384,25 +435,19 @@ def predict_steps(
     regions = [region if context is not None else x.shape[1:] for x in inputs]  # context excludes TTA
     layouts = [plan_tiles(config, shape, tile) for shape in regions]
     tiles = [(j, c) for j, layout in enumerate(layouts) for c in itertools.product(*(range(a.count) for a in layout))]
-    batches = _batches(tiles, lambda tile: tuple(a.tile_in for a in layouts[tile[0]]), batch_size)
+    batches = _batches(tiles, lambda tile: _tile_shape(layouts[tile[0]], tile[1]), batch_size)
     log.debug("%d image(s), %d transform(s), %d tile(s)", len(items), len(transforms), len(tiles))
 
     run = _runner(model, device, compile)
     with torch.inference_mode():  # stitched where computed: no per-tile copy back from a GPU
         results = [torch.zeros((config.num_classes, *shape), device=device) for shape in regions]
-    padded: dict[int, np.ndarray] = {}
     was_training = model.training
     model.eval()
     try:
         done = 0
         yield Progress(0, len(tiles))
         for batch in batches:
-            windows = []
-            for j, corner in batch:
-                if j not in padded:
-                    padded.clear()  # keep one padded image in memory at a time
-                    padded[j] = _pad_for_layout(inputs[j], layouts[j], spans)
-                windows.append(_input_window(padded[j], layouts[j], corner))
+            windows = [_input_window(inputs[j], layouts[j], spans, corner) for j, corner in batch]
             probs = _forward(run, config, windows, device, precision)
             with torch.inference_mode():
                 for (j, corner), prob in zip(batch, probs, strict=True):
@@ -421,10 +466,10 @@ def predict_steps(
 
 
 def _batches(tiles: list, key, size: int) -> list[list]:
-    """Consecutive batches of at most ``size`` tiles, each of one tile shape (a stable grouping).
+    """Batches of at most ``size`` tiles, each of one tile shape (a stable grouping by shape).
 
-    The transposed images of TTA can have another tile shape; sorting by shape keeps the
-    tiles of each image together, so each image is padded once.
+    A layout has up to ``2**dims`` tile shapes (smaller last tiles) and the transposed
+    images of TTA can have others; tiles of one shape from several images share batches.
     """
     batches = []
     for _, group in itertools.groupby(sorted(tiles, key=key), key=key):
@@ -433,24 +478,30 @@ def _batches(tiles: list, key, size: int) -> list[list]:
     return batches
 
 
-def _pad_for_layout(item: np.ndarray, layout: Sequence[AxisTiling], spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """The input the layout's tiles read: the region with ``halo`` px before it and enough after.
+def _input_window(
+    item: np.ndarray, layout: Sequence[AxisTiling], spans: Sequence[tuple[int, int]], corner: Sequence[int]
+) -> np.ndarray:
+    """The input that tile ``corner`` reads from ``item`` (channels first), mirrored where it leaves ``item``.
 
-    The region starts ``before`` px into ``item`` (its context); positions outside ``item``
-    are mirrored (:func:`mirror_indices`). Without context this is the mirror-padded image.
+    The region to predict starts ``before`` px into ``item`` (its context); tile ``k`` of an
+    axis reads ``[before + k*step - halo, ... + input_size(k))``. Inner tiles are slices;
+    only tiles at the border take mirrored indices (:func:`mirror_indices`).
     """
-    out = item
-    for axis, (a, (before, _)) in enumerate(zip(layout, spans, strict=True), start=1):
-        first, stop = before - a.halo, before + (a.count - 1) * a.step + a.tile_in - a.halo
-        size = out.shape[axis]
-        index = mirror_indices(size, max(0, -first), max(0, stop - size))
-        out = np.take(out, index[max(0, first) : max(0, first) + stop - first], axis=axis)
-    return out
-
-
-def _input_window(padded: np.ndarray, layout: Sequence[AxisTiling], corner: Sequence[int]) -> np.ndarray:
-    index = (slice(None), *(slice(k * a.step, k * a.step + a.tile_in) for k, a in zip(corner, layout, strict=True)))
-    return padded[index]
+    slices: list[slice] = [slice(None)]
+    mirrored: list[tuple[int, np.ndarray]] = []
+    for axis, (a, (before, _), k) in enumerate(zip(layout, spans, corner, strict=True), start=1):
+        lo = before + k * a.step - a.halo
+        hi, size = lo + a.input_size(k), item.shape[axis]
+        if 0 <= lo and hi <= size:
+            slices.append(slice(lo, hi))
+        else:
+            pre = max(0, -lo)
+            mirrored.append((axis, mirror_indices(size, pre, max(0, hi - size))[lo + pre : hi + pre]))
+            slices.append(slice(None))
+    window = item[tuple(slices)]
+    for axis, index in mirrored:
+        window = np.take(window, index, axis=axis)
+    return window
 
 
 def _forward(
@@ -503,7 +554,7 @@ def predict(
     precision: Precision = "float32",
     intensity_range: np.ndarray | Sequence[float] | None = None,
     context: Sequence[tuple[int, int]] | None = None,
-    compile: bool = False,
+    compile: bool | CompileMode = False,
     progress: bool = True,
 ) -> np.ndarray:
     """Segment an image of any size with the overlap-tile strategy; return class probabilities.
@@ -522,7 +573,8 @@ def predict(
         than one channel; never guessed.
     tile : int or sequence of int, optional
         Largest input tile per axis (the nearest valid size at or below it is used; default
-        700 for 2D models). The tiles per axis are then as few and as small as possible.
+        700 for 2D models). The tiles per axis are then as few as possible, laid out to
+        compute the fewest output pixels (:func:`plan_axis`; the last may be smaller).
     batch_size : int
         Tiles per forward pass.
     device : str or torch.device, optional
@@ -545,9 +597,11 @@ def predict(
         ``padding="valid"``, a region starting at a multiple of ``2**depth`` of the full
         image and ending at one (or at the image end, mirrored on to one) and the context of
         :func:`chunk_context`, the result equals that region of the full image's result.
-    compile : bool
-        Run the network through ``torch.compile`` (compiled once per model and tile shape;
-        worth it for many tiles on a GPU).
+    compile : bool or {"default", "reduce-overhead", "max-autotune"}
+        Run the network through ``torch.compile`` (``True``: its default mode) compiled
+        once per model, tile shape and batch size; worth it for many tiles on a GPU.
+        ``"reduce-overhead"`` also replays each forward pass as a CUDA graph, which removes
+        the kernel launch overhead that dominates small images on a fast GPU.
     progress : bool
         Show a tqdm bar over the tiles.
 

@@ -279,8 +279,7 @@ def train_steps(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        _restore_rng_states(state, generator, rank, world)
         start, best = int(state["step"]), float(state["best"])
         log.info("resuming %s at step %d", run_dir, start)
     fields = ["step", "loss", "lr", "seconds", "tiles_per_s", "val_pixel_error", "val_iou", "val_f1"]
@@ -336,9 +335,10 @@ def train_steps(
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise TrainingError(f"weights became non-finite at step {step}; stopping: the last good "
                                     f"checkpoint (step {start}) is kept in {checkpoint_path}. Try a lower lr.")  # fmt: skip
+            rng_states = _gather_rng_states(generator, world)
             if rank == 0:
                 model.save(run_dir / "last")
-                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, generator, step, best)
+                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, rng_states, step, best)
             start = step
         yield Status(step, row["loss"], row["lr"], row["seconds"], metrics)
 
@@ -448,13 +448,41 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return 1.0
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, step: int, best: float) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, rng_states: dict, step: int, best: float) -> None:
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "best": best,
+        **rng_states, "step": step, "best": best,
     }  # fmt: skip
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
+
+
+def _gather_rng_states(generator: torch.Generator, world: int) -> dict[str, list[torch.Tensor]]:
+    """Every rank's augmentation generator and torch RNG state, in rank order (all ranks call this)."""
+    local = (generator.get_state(), torch.get_rng_state())
+    states = [local]
+    if world > 1:
+        import torch.distributed as dist
+
+        states = [None] * world
+        dist.all_gather_object(states, local)
+    return {"generators": [g for g, _ in states], "torch_rngs": [t for _, t in states]}
+
+
+def _restore_rng_states(state: dict, generator: torch.Generator, rank: int, world: int) -> None:
+    """Give this rank back its own random streams from a checkpoint of the same number of ranks.
+
+    With another number of ranks the streams cannot continue; each rank keeps the fresh
+    stream of its seed and the run is no longer bit-identical to an uninterrupted one.
+    """
+    generators = state.get("generators") or [state["generator"]]  # checkpoints before per-rank states
+    torch_rngs = state.get("torch_rngs") or [state["torch_rng"]]
+    if len(generators) != world:
+        log.warning("resuming %d process(es) from a checkpoint of %d: random streams restart from the seeds",
+                    world, len(generators))  # fmt: skip
+        return
+    generator.set_state(generators[rank])
+    torch.set_rng_state(torch_rngs[rank])
 
 
 def _is_rank0() -> bool:
