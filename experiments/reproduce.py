@@ -103,7 +103,10 @@ def experiment_config(dataset: str, variant: str, preset: str, steps: int | None
         config = TrainConfig.from_toml(CONFIGS / f"ablation-{variant}.toml", config)
     if steps is not None:
         config = dataclasses.replace(config, steps=steps)
-    return config.updated(sets)
+    config = config.updated(sets)
+    if config.tile == "auto":  # one fixed tile for every variant, fold and machine: the paper's
+        config = dataclasses.replace(config, tile=572)
+    return config
 
 
 def unet_predict(model: UNet, image: np.ndarray, config: TrainConfig, *, tta: bool, device: str) -> np.ndarray:

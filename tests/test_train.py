@@ -18,7 +18,8 @@ import torch
 from biounet.datasets import make_sample, synthetic_cells
 from biounet.logs import read_events
 from biounet.losses import soft_dice_loss, weighted_cross_entropy
-from biounet.train import TrainConfig, TrainingError, split_samples, train_steps
+from biounet.model import UNetConfig
+from biounet.train import TrainConfig, TrainingError, auto_tile, largest_tile_within, split_samples, train, train_steps
 
 TINY = ["--set", "depth=2", "--set", "base_channels=4", "--set", "tile=76", "--set", "batch_size=2",
         "--set", "val_every=1000"]  # fmt: skip
@@ -52,7 +53,7 @@ def test_loss_shape_errors_and_dice_range():
 def test_config_presets_toml_and_overrides(tmp_path):
     paper = TrainConfig.preset("paper")
     assert (paper.base_channels, paper.depth, paper.padding, paper.optimizer, paper.momentum) == (64, 4, "valid", "sgd", 0.99)
-    assert (paper.w0, paper.sigma, paper.elastic_std, paper.elastic_grid, paper.tile, paper.batch_size) == (10, 5, 10, 3, 572, 1)
+    assert (paper.w0, paper.sigma, paper.elastic_std, paper.elastic_grid, paper.tile, paper.batch_size) == (10, 5, 10, 3, "auto", 1)
     (tmp_path / "c.toml").write_text('preset = "fast"\nlr = 0.005\nnorm = "batch"\n')
     cfg = TrainConfig.from_toml(tmp_path / "c.toml").updated(["steps=7", "augment=false", "normalization=[2, 98]"])
     assert (cfg.base_channels, cfg.lr, cfg.norm, cfg.steps, cfg.augment, cfg.normalization) == (16, 0.005, "batch", 7, False, (2.0, 98.0))
@@ -63,6 +64,40 @@ def test_config_presets_toml_and_overrides(tmp_path):
     (tmp_path / "bad.toml").write_text("lr = [")
     with pytest.raises(ValueError, match="bad.toml"):
         TrainConfig.from_toml(tmp_path / "bad.toml")
+
+
+def _smallest_valid_input_covering(config: UNetConfig, side: int) -> int:
+    return next(n for n in range(1, 4096) if config.is_valid_input_size(n) and config.output_size(n) >= side)
+
+
+@pytest.mark.parametrize("side", [256, 512, 3000])
+def test_auto_tile_on_cpu_covers_the_largest_image(side):
+    samples = [make_sample(np.zeros((side, 100), np.float32), np.zeros((side, 100), np.int32), name="a"),
+               make_sample(np.zeros((50, 60), np.float32), np.zeros((50, 60), np.int32), name="b")]  # fmt: skip
+    expected = min(_smallest_valid_input_covering(UNetConfig(), side), 1084)  # AUTO_TILE_MAX, a valid size
+    assert auto_tile(TrainConfig.preset("paper"), samples, "cpu") == expected
+    assert auto_tile(TrainConfig.preset("paper"), samples[1:], "cpu") == 252  # 68 px out covers 60
+
+
+def test_largest_tile_within_a_memory_budget():
+    cfg = UNetConfig()
+    assert largest_tile_within(cfg, 700, 572, 1000.0, 1000.0 * (700 / 572) ** 2) == 700
+    assert largest_tile_within(cfg, 700, 572, 1000.0, 1000.0 * (700 / 572) ** 2 - 1) == 684
+    assert largest_tile_within(cfg, 700, 572, 1000.0, 1000.0) == 572
+    assert largest_tile_within(cfg, 700, 572, 1000.0, 1e12) == 700
+    assert largest_tile_within(cfg, 700, 572, 1000.0, 0.0) == 188  # never below the smallest valid size
+
+
+def test_auto_tile_is_resolved_and_recorded(tmp_path):
+    pairs = synthetic_cells(2, (40, 40), seed=1)
+    samples = [make_sample(im, lab, name=str(i)) for i, (im, lab) in enumerate(pairs)]
+    cfg = TrainConfig.preset("fast", depth=2, base_channels=4, tile="auto", steps=2, val_every=1000)
+    model = train(samples, tmp_path / "run", cfg, progress=False)
+    expected = _smallest_valid_input_covering(model.config, 40)
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["tile"] == expected
+    assert model.info.provenance["recipe"]["tile"] == expected
+    with pytest.raises(ValueError, match="tile must be a positive integer"):
+        TrainConfig.preset("fast", tile="big")
 
 
 def test_split_samples_is_deterministic_and_disjoint():

@@ -274,7 +274,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a U-Net on annotated images (images/ + labels/, ISBI or CTC layout)",
         description="Train with the paper's recipe (--preset paper) or a narrow CPU-friendly one (--preset fast). "
-        "Precedence: preset < --config TOML < --set field=value < --steps/--seed.",
+        "Precedence: preset < --config TOML < --set field=value < --steps/--seed. The paper preset trains on one "
+        "tile per step, the largest that the images and the device's memory allow (--set tile=572: the paper's).",
     )
     p.add_argument("data", help="data set folder (layout detected: images/+labels/, ISBI 2012, Cell Tracking Challenge)")
     p.add_argument("-o", "--output", required=True, metavar="RUNDIR", help="run folder (logs, checkpoints, models)")
@@ -343,6 +344,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out.write(f"trained the fast preset in {result.train_seconds:.0f} s on synthetic touching cells\n")
     out.write(f"segmented a held-out 480x640 image in {result.predict_seconds:.2f} s ({result.tiles} tiles)\n")
     out.write(f"held-out foreground IoU {result.iou:.3f}, object F1 at IoU 0.5 {result.f1:.3f}\n")
+    if result.shipped is not None:
+        shipped = result.shipped
+        size = "x".join(map(str, shipped.shape))
+        out.write(f"shipped model '{shipped.model}': segmented a {size} {shipped.source} in {shipped.seconds:.2f} s, "
+                  f"{shipped.objects} objects, object F1 at IoU 0.5 {shipped.f1:.3f}\n")  # fmt: skip
     out.write("files:\n" + "".join(f"  {p}\n" for p in result.files))
     return 0
 

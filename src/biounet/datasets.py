@@ -355,7 +355,7 @@ def load_folders(
         raise ValueError(f"{root}: empty data set, no images in {root / 'images'}")
     pairs = [(stem, images[stem], labels[stem]) for stem in sorted(images)]
     return [
-        _read_sample(stem, image, label, label_format, as_gray)
+        read_sample(stem, image, label, label_format, as_gray)
         for stem, image, label in tqdm(pairs, desc="reading", disable=not progress)
     ]
 
@@ -445,12 +445,15 @@ def load_ctc(
     if not pairs:
         raise ValueError(f"{root}: empty data set, no CTC segmentation ground truth found")
     return [
-        _read_sample(name, image, label, label_format, as_gray)
+        read_sample(name, image, label, label_format, as_gray)
         for name, image, label in tqdm(pairs, desc="reading", disable=not progress)
     ]
 
 
-def _read_sample(name: str, image_path: Path, label_path: Path, label_format: LabelFormat, as_gray: bool) -> Sample:
+def read_sample(
+    name: str, image_path: Path, label_path: Path, label_format: LabelFormat = INSTANCE_LABELS, as_gray: bool = False
+) -> Sample:
+    """One annotated image from its two files (``as_gray``: colour images as luminance)."""
     image = read_image(image_path)
     if as_gray and image.ndim == 3:
         image = rgb2gray(image).astype(np.float32)

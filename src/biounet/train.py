@@ -32,7 +32,7 @@ import torch
 
 from biounet.io import atomic_write, ensure_writable_folder
 from biounet.losses import soft_dice_loss, weighted_cross_entropy
-from biounet.model import ModelInfo, UNet
+from biounet.model import ModelInfo, UNet, UNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,11 @@ class TrainConfig:
     """Everything that defines a training run; saved as ``train_config.json`` in the run folder.
 
     Presets (:meth:`preset`): ``paper`` is faithful to the paper (width 64, depth 4, valid
-    padding, SGD with momentum 0.99, one 572x572 tile per step, elastic deformation on a 3x3
-    grid with 10 px standard deviation, border weights w0 = 10, sigma = 5). The learning rate
+    padding, SGD with momentum 0.99, one large tile per step: ``tile = "auto"``, the largest
+    valid tile that the images and the device's memory allow, see :func:`auto_tile`; the
+    paper's was 572x572; elastic deformation on a 3x3 grid with 10 px standard deviation,
+    border weights w0 = 10, sigma = 5). ``tile`` is the input tile side in px (rounded up to
+    a valid size) or ``"auto"``. The learning rate
     (0.01, polynomial decay with power 0.9 after a 50-step linear warm-up) is not given in
     the paper; it is nnU-Net's, which uses the same momentum. ``fast`` is a narrow network
     (width 16, depth 3) trained with AdamW, small enough for a 2-core CPU in minutes; its
@@ -62,7 +65,7 @@ class TrainConfig:
     norm: Literal["batch", "instance", "group"] | None = None
     dropout: float = 0.5
     # data
-    tile: int = 572
+    tile: int | Literal["auto"] = "auto"
     batch_size: int = 1
     normalization: tuple[float, float] | None = (1.0, 99.8)
     w0: float = 10.0
@@ -90,7 +93,8 @@ class TrainConfig:
     channels_last: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("depth", "base_channels", "tile", "batch_size", "steps", "val_every", "checkpoint_every")
+        positive = ("depth", "base_channels", "batch_size", "steps", "val_every", "checkpoint_every")
+        positive += () if self.tile == "auto" else ("tile",)
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -244,6 +248,12 @@ def train_steps(
         torch.backends.cudnn.benchmark = True  # one tile size throughout: let cuDNN pick its fastest kernels
 
     # ---- model, optimiser, schedule ------------------------------------------------------
+    if config.tile == "auto":  # a resumed run keeps the tile it started with
+        saved = run_dir / "train_config.json"
+        tile = json.loads(saved.read_text()).get("tile") if resume and saved.is_file() else None
+        tile = tile if isinstance(tile, int) else auto_tile(config, samples, device_, in_channels)
+        config = dataclasses.replace(config, tile=tile)
+        log.info("training tile: %d px, the largest valid tile that the data and memory allow", config.tile)
     info = ModelInfo(normalization=config.normalization, class_names=("background", "cell"),
                      postprocess={"split": config.split},
                      provenance={"recipe": dataclasses.asdict(config), "data": _names(samples)})  # fmt: skip
@@ -351,6 +361,71 @@ def train_steps(
                  summary.get("val_iou") or "-", run_dir)  # fmt: skip
     if world > 1:
         _check_replicas_agree(model, run_dir, rank, world)
+
+
+#: Largest automatic training tile (input px): beyond it a step only gets slower.
+AUTO_TILE_MAX = 1084
+#: Share of the free GPU memory that an automatic training tile may take.
+AUTO_TILE_MEMORY_SHARE = 0.8
+
+
+def auto_tile(config: TrainConfig, samples: Sequence[Any], device: str | torch.device, in_channels: int = 1) -> int:
+    """The largest valid training tile (input px) that the images and the device's memory allow.
+
+    Larger tiles give each output pixel more context per step and waste less on the halo,
+    which is why the paper trains on one large tile rather than a batch. The output window
+    need not be larger than the largest image side, so the cap is the smallest valid input
+    whose output covers it (700 px for 512 px ISBI slices with the paper net), at most
+    :data:`AUTO_TILE_MAX`. On CUDA, one training step (forward and backward, in the
+    configured precision) at a probe tile measures the peak memory; memory grows with the
+    tile's pixels, so the largest valid tile whose predicted peak, ``peak * (tile /
+    probe)**2``, fits in :data:`AUTO_TILE_MEMORY_SHARE` of the free memory is chosen. On
+    other devices the cap is used.
+    """
+    config_net = config.model(in_channels, 2, ModelInfo()).config
+    side = max(max(s.image.shape[:2]) for s in samples)
+    cap = min(config_net.input_size_for(side), config_net._valid_input_at_most(AUTO_TILE_MAX) or AUTO_TILE_MAX)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return cap
+    probe = min(cap, config_net.valid_input_size(572))
+    free, _ = torch.cuda.mem_get_info(device)
+    return largest_tile_within(config_net, cap, probe, _step_peak_bytes(config, in_channels, probe, device),
+                               AUTO_TILE_MEMORY_SHARE * free)  # fmt: skip
+
+
+def largest_tile_within(config: UNetConfig, cap: int, probe: int, probe_bytes: float, budget: float) -> int:
+    """The largest valid input size <= ``cap`` whose memory ``probe_bytes * (size / probe)**2`` is <= ``budget``.
+
+    Never below the smallest valid size.
+    """
+    size = cap
+    while size > 1 and probe_bytes * (size / probe) ** 2 > budget:
+        smaller = config._valid_input_at_most(size - 1)
+        if smaller is None:
+            break
+        size = smaller
+    return size
+
+
+def _step_peak_bytes(config: TrainConfig, in_channels: int, tile: int, device: torch.device) -> int:
+    """Peak CUDA memory of one training step of ``config``'s net on a batch of ``tile`` px tiles."""
+    model = config.model(in_channels, 2, ModelInfo()).to(device)
+    out = model.output_size(tile)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    x = torch.zeros(config.batch_size, in_channels, tile, tile, device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
+        logits = model(x)
+    loss = weighted_cross_entropy(logits, torch.zeros(config.batch_size, out, out, dtype=torch.long, device=device),
+                                  torch.ones(config.batch_size, out, out, device=device))  # fmt: skip
+    loss.backward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del model, x, logits, loss
+    torch.cuda.empty_cache()
+    return peak
 
 
 def _check_replicas_agree(model: UNet, run_dir: Path, rank: int, world: int) -> None:
