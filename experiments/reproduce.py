@@ -282,15 +282,21 @@ def write_figures(results: dict[str, Any], jobs: dict[str, Job], folder: Path, d
 def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> list[Path]:
     """Copy the best EM and nuclei U-Nets into ``folder/<name>/`` with provenance and a model card.
 
-    EM: of all U-Net models (any variant, any fold), the one with the highest held-out V_rand;
-    nuclei: the U-Net variant with the highest mean validation AP at IoU 0.5. Weights are
-    stored as float16 if float32 would exceed 25 MB.
+    Only valid-padding U-Nets ship, the ones whose tiled prediction is exact (seam-free).
+    EM: the variant with the highest mean held-out V_rand over its folds, and of it the fold
+    model with the highest V_rand; nuclei: the variant with the highest mean validation AP
+    at IoU 0.5. Weights are stored as float16 if float32 would exceed 25 MB.
     """
+    def exact(record: dict[str, Any]) -> bool:
+        return record["key"]["variant"] != "monai" and record["key"]["config"]["padding"] == "valid"
+
+    em_variants = {v: recs for v, recs in results["em"].items() if recs and all(exact(r) for r in recs)}
+    em_best = max(em_variants, key=lambda v: np.mean([r["plain"]["v_rand"] for r in em_variants[v]]), default=None)
     candidates = {
-        "em-membranes": [(r["plain"]["v_rand"], f"em/{v}/fold{r['key']['fold']}", r)
-                         for v, recs in results["em"].items() if v != "monai" for r in recs],
+        "em-membranes": [(r["plain"]["v_rand"], f"em/{em_best}/fold{r['key']['fold']}", r)
+                         for r in em_variants.get(em_best, [])],
         "nuclei": [(common.mean_nuclei_scores(r["plain"])["ap"], f"nuclei/{v}", r)
-                   for v, r in results["nuclei"].items() if v != "monai"],
+                   for v, r in results["nuclei"].items() if exact(r)],
     }  # fmt: skip
     written = []
     for name, options in candidates.items():
@@ -322,7 +328,8 @@ def _provenance(name: str, job_name: str, record: dict, n_options: int, meta: di
             return None
         return record[run] if em else common.mean_nuclei_scores(record[run])
 
-    selected_by = "held-out V_rand" if em else "validation AP at IoU 0.5"
+    selected_by = ("held-out V_rand, among the folds of the valid-padding variant with the best mean V_rand" if em
+                   else "validation AP at IoU 0.5, among the valid-padding variants")  # fmt: skip
     return {
         "name": name,
         "experiment": job_name,

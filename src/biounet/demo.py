@@ -114,7 +114,8 @@ def segment_with_shipped_model(
     evaluation = model.info.provenance.get("evaluation", {})
     root = Path(os.environ.get("BIOUNET_DATA") or "/nonexistent") / str(evaluation.get("dataset", ""))
     found = [i for i in evaluation.get("images", []) if (root / "images" / f"{i}.png").is_file()]
-    found.sort(key=lambda i: _category(root, i) != "fluorescence")  # fluorescence first, else in order
+    categories = _categories(root / "manifest.csv")
+    found.sort(key=lambda i: categories.get(i) != "fluorescence")  # fluorescence first, else in order
     if found:
         sample = read_sample(found[0], root / "images" / f"{found[0]}.png", root / "labels" / f"{found[0]}.tif",
                              as_gray=True)  # fmt: skip
@@ -133,12 +134,12 @@ def segment_with_shipped_model(
     return ShippedResult(name, source, image.shape, seconds, objects, f1, overlay)
 
 
-def _category(root: Path, image_id: str) -> str:
-    """The ``category`` of ``image_id`` in ``root/manifest.csv`` ("" if there is none)."""
+def _categories(manifest: Path) -> dict[str, str]:
+    """``{id: category}`` from a data set's ``manifest.csv`` (empty if there is none)."""
     import csv
 
     try:
-        with (root / "manifest.csv").open(newline="") as handle:
-            return next((row.get("category", "") for row in csv.DictReader(handle) if row.get("id") == image_id), "")
+        with manifest.open(newline="") as handle:
+            return {row.get("id", ""): row.get("category", "") for row in csv.DictReader(handle)}
     except OSError:
-        return ""
+        return {}
