@@ -257,6 +257,18 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(state["generators"]) == 2 and not torch.equal(*state["generators"])
 
 
+def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
+    from biounet.train import rank_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cuda:0")) == torch.device("cuda", 0)  # an explicit index is kept
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert rank_device(torch.device("cuda")) == torch.device("cuda")
+
+
 def test_resume_gives_each_rank_its_own_random_streams():
     from biounet.train import _restore_rng_states
 

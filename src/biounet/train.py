@@ -232,7 +232,9 @@ def train_steps(
     from biounet.logs import CsvLog, EventWriter, plot_curves
     from biounet.weights import weight_map
 
-    run_dir, device_ = Path(run_dir), torch.device(device)
+    run_dir, device_ = Path(run_dir), rank_device(torch.device(device))
+    if device_.type == "cuda":
+        torch.cuda.set_device(device_)  # NCCL's collectives use the current device
     rank, world = _distributed_setup(device_)
     samples = list(samples)
     _check_data(samples, "training data")
@@ -562,6 +564,17 @@ def _restore_rng_states(state: dict, generator: torch.Generator, rank: int, worl
 
 def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under ``torchrun`` each process takes its own GPU: ``cuda`` becomes ``cuda:$LOCAL_RANK``.
+
+    An explicit index (``cuda:1``) and non-CUDA devices are kept.
+    """
+    local, world = os.environ.get("LOCAL_RANK"), int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda" and device.index is None and local is not None and world > 1:
+        return torch.device("cuda", int(local))
+    return device
 
 
 def _distributed_setup(device: torch.device) -> tuple[int, int]:
