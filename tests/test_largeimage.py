@@ -291,11 +291,16 @@ def test_bfloat16_stays_within_documented_tolerance_of_float32(seed, depth, widt
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [True, "reduce-overhead"])
 def test_compiled_model_gives_the_eager_result(mode):
+    from torch._dynamo.utils import counters
+
     model = net(2)
     image = np.random.default_rng(9).random((40, 40)).astype(np.float32)
     np.testing.assert_allclose(
         predict(model, image, compile=mode, progress=False), predict(model, image, progress=False), atol=1e-5
     )
+    graphs = counters["stats"]["unique_graphs"]
+    predict(model, image, compile=mode, progress=False)
+    assert counters["stats"]["unique_graphs"] == graphs  # the second call reuses the compiled code
 
 
 @pytest.mark.parametrize("mode", ["fast", 1, None])
