@@ -32,7 +32,7 @@ def config_summary(config: dict[str, Any]) -> str:
         f"{config['tile']}, batch {config['batch_size']}, {config['optimizer']} lr {config['lr']} "
         f"({config['schedule']}), {config['steps']} steps, w0 {config['w0']}, sigma {config['sigma']}, "
         f"elastic std {config['elastic_std']} px on a {grid}x{grid} grid, post-processing split "
-        f"\"{config.get('split', 'none')}\""
+        f"\"{config.get('split', 'none')}\", objects under {config.get('min_size', 0)} px removed"
     )
 
 
@@ -157,7 +157,8 @@ def _nuclei_section(record: dict, meta: dict, figure: str | None) -> list[str]:
         f"(rounded up), seed {meta['split_seed']} (`common.stratified_split`): {len(record['key']['train'])} "
         f"training and {len(val)} validation images (" + ", ".join(f"{n} {c}" for c, n in counts.items()) + "). "
         "Colour images are read as luminance. Objects: `biounet.postprocess.probabilities_to_labels` on "
-        f"p(cell) > 0.5 with the recipe's post-processing (`split = \"{record['key']['config']['split']}\"`; "
+        f"p(cell) > 0.5 with the recipe's post-processing (`split = \"{record['key']['config']['split']}\"`, "
+        f"`min_size = {record['key']['config'].get('min_size', 0)}`; "
         "the peer's probabilities get the same), the labels `biounet predict` writes. Scores are per validation "
         "image, mean ± standard deviation over images. A touching pair is two true nuclei with 4-adjacent "
         "pixels; it is merged when one predicted object covers more than half of each.", "",

@@ -42,7 +42,7 @@ WEIGHTS = "peer.pt"
 #: loss replace the rest); a peer run is reused when these are unchanged.
 RECIPE_FIELDS = (
     "base_channels", "tile", "batch_size", "steps", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-    "warmup", "seed", "split",
+    "warmup", "seed", "split", "min_size",
 )  # fmt: skip
 
 

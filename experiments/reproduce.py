@@ -189,7 +189,7 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
         if job.dataset == "em":
             record[label] = common.em_scores([p[1] for p in probabilities], [s.labels for s in job.test])
         else:
-            postprocess = {"split": job.config.split}  # the U-Net's own; the same for the peer
+            postprocess = job.config.postprocess  # the U-Net's own; the same for the peer
             record[label] = [{"name": s.name, "category": job.categories.get(s.name, ""),
                               **common.nuclei_scores(s.labels, p, postprocess)}
                              for s, p in zip(job.test, probabilities, strict=True)]  # fmt: skip

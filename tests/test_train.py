@@ -98,6 +98,14 @@ def test_auto_tile_is_resolved_and_recorded(tmp_path):
     assert model.info.provenance["recipe"]["tile"] == expected
     with pytest.raises(ValueError, match="tile must be a positive integer"):
         TrainConfig.preset("fast", tile="big")
+    assert model.info.postprocess == {"split": "distance", "min_size": 0}  # the fast preset's
+
+
+def test_min_size_is_stored_as_post_processing_and_validated():
+    cfg = TrainConfig.preset("fast").updated(["min_size=12"])
+    assert cfg.postprocess == {"split": "distance", "min_size": 12}
+    with pytest.raises(ValueError, match="min_size must be an integer >= 0"):
+        TrainConfig.preset("fast", min_size=-1)
 
 
 def test_split_samples_is_deterministic_and_disjoint():

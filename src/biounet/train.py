@@ -83,6 +83,7 @@ class TrainConfig:
     steps: int = 10_000
     dice: float = 0.0
     split: Literal["none", "distance", "probability"] = "none"
+    min_size: int = 0
     # bookkeeping
     val_every: int = 500
     checkpoint_every: int = 100
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("constant", "poly", "cosine"):
             raise ValueError(f"TrainConfig.schedule must be 'constant', 'poly' or 'cosine', got {self.schedule!r}")
+        if not isinstance(self.min_size, int) or self.min_size < 0:
+            raise ValueError(f"TrainConfig.min_size must be an integer >= 0, got {self.min_size!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         if self.precision not in ("float32", "bfloat16"):
@@ -160,6 +163,11 @@ class TrainConfig:
             return cls.from_dict({**dataclasses.asdict(start), **data})
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from exc
+
+    @property
+    def postprocess(self) -> dict[str, Any]:
+        """The post-processing stored with the model (:func:`biounet.postprocess.probabilities_to_labels`)."""
+        return {"split": self.split, "min_size": self.min_size}
 
     def model(self, in_channels: int, num_classes: int, info: ModelInfo) -> UNet:
         return UNet(in_channels, num_classes, self.depth, self.base_channels, self.padding, self.norm,
@@ -257,7 +265,7 @@ def train_steps(
         config = dataclasses.replace(config, tile=tile)
         log.info("training tile: %d px, the largest valid tile that the data and memory allow", config.tile)
     info = ModelInfo(normalization=config.normalization, class_names=("background", "cell"),
-                     postprocess={"split": config.split},
+                     postprocess=config.postprocess,
                      provenance={"recipe": dataclasses.asdict(config), "data": _names(samples)})  # fmt: skip
     model = config.model(in_channels, 2, info).to(device_)
     if config.channels_last:
