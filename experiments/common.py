@@ -6,7 +6,6 @@ does the training and bookkeeping, and ``tests/test_reproduce.py`` checks the pi
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import platform
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from biounet.datasets import Sample, make_sample
+from biounet.datasets import Sample, make_sample, read_manifest  # noqa: F401 (read_manifest: re-exported)
 from biounet.inference import labels_from_probabilities
 from biounet.io import atomic_write, label_overlay, to_uint8
 from biounet.metrics import iou_per_class, isbi_scores, match_objects, seg_score
@@ -73,16 +72,6 @@ def contiguous_folds(names: Sequence[str], n_folds: int) -> list[list[str]]:
         raise ValueError(f"n_folds={n_folds} must divide the number of images {len(names)}")
     size = len(names) // n_folds
     return [list(names[k * size : (k + 1) * size]) for k in range(n_folds)]
-
-
-def read_manifest(path: Path) -> dict[str, str]:
-    """``{id: category}`` from the nuclei set's ``manifest.csv`` (columns ``id``, ``category``)."""
-    try:
-        with Path(path).open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        return {row["id"]: row["category"] for row in rows}
-    except (OSError, KeyError) as exc:
-        raise ValueError(f"{path}: cannot read the id and category columns: {exc}") from exc
 
 
 def stratified_split(

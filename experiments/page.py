@@ -15,7 +15,7 @@ import numpy as np
 
 from common import (
     ABLATIONS, DATASETS, EM_DIR, EM_METRICS, LABELS, N_FOLDS, NUCLEI_DIR, NUCLEI_METRICS, PAPER_EM, VARIANTS,
-    markdown_table, mean_spread, minutes,
+    markdown_table, mean_nuclei_scores, mean_spread, minutes,
 )  # fmt: skip
 
 EM_HEADER = ["model", "V_rand ↑", "V_info ↑", "Rand error ↓", "pixel error ↓", "warping error ↓"]
@@ -275,11 +275,17 @@ def model_card(name: str, job_name: str, record: dict, provenance: dict, results
     if meta["crop"]:
         limits.insert(0, f"SMOKE-TEST MODEL: trained on {meta['crop']} px crops for a few steps. Do not use.")
     if not em:
-        limits.append("Check the scores by category above: an imaging type the model handles badly at this budget "
-                      "(e.g. dark nuclei on a bright background, as colour and brightfield images are when read as "
-                      "luminance) gives near-zero object scores.")  # fmt: skip
-        limits.append("Touching nuclei are kept apart only by the predicted background lines between them; see the "
-                      "merged pairs above before relying on object counts.")  # fmt: skip
+        scores = {c: mean_nuclei_scores([i for i in record["plain"] if i["category"] == c])["f1"]
+                  for c in sorted({i["category"] for i in record["plain"]})}  # fmt: skip
+        weak = [f"{c} (F1 @ 0.5 {f1:.2f})" for c, f1 in scores.items() if f1 < 0.5]
+        if weak:
+            limits.append(f"Imaging types it handles badly at this budget: {', '.join(weak)}; check the scores by "
+                          "category above before using it on such images.")  # fmt: skip
+        split = key["config"]["split"]
+        how = ("only by the predicted background lines between them" if split == "none"
+               else f"by the predicted background lines and a `{split}` watershed")  # fmt: skip
+        limits.append(f"Touching nuclei are kept apart {how}; see the merged pairs above before relying on object "
+                      "counts.")  # fmt: skip
     return "\n".join([
         f"# `{name}`: biounet U-Net for {'EM membranes' if em else 'nuclei'}", "",
         "*Written by `experiments/reproduce.py`.*", "",

@@ -10,9 +10,11 @@ schedule as the biounet run it is compared with; everything else is MONAI's own:
   level more, i.e. more capacity, not less;
 * input scaling: ``ScaleIntensityRangePercentilesd`` (1st and 99.8th percentile to 0 and 1,
   per image), the same percentiles as biounet's;
-* augmentation: random crop, flips, 90-degree rotations, ``Rand2DElasticd`` (3 x 3 control
-  points, offsets up to 10 px, any rotation, 10 % scaling, reflection padding), intensity
-  scaling and shifting and Gaussian noise;
+* augmentation: random crop, flips, 90-degree rotations, ``Rand2DElasticd`` (control points
+  every half tile, which MONAI makes a 6 x 6 grid for a 208 px tile; Gaussian offsets whose
+  standard deviation is drawn from U(0, 10) px per sample, so weaker on average than the
+  paper's 10 px; any rotation, 10 % scaling, reflection padding), intensity scaling and
+  shifting and Gaussian noise;
 * loss: ``DiceCELoss`` (soft Dice + cross-entropy, unweighted: no border weights);
 * inference: ``sliding_window_inference`` with tiles of the training size, 25 % overlap and
   Gaussian blending (no test-time augmentation).
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: MONAI ``BasicUNet`` pools four times, so tiles are multiples of 16.
 STRIDE = 16
-#: Range of the elastic control-point offsets in pixels (the paper's standard deviation is 10).
+#: Range of the standard deviation of MONAI's elastic offsets in px (the paper's is 10).
 ELASTIC_MAGNITUDE = (0.0, 10.0)
 WEIGHTS = "peer.pt"
 #: The fields of the biounet recipe that the peer uses (its own network, augmentation and

@@ -182,7 +182,12 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
             return unet_predict(model, image, job.config, tta=tta, device=device)
     seconds = time.perf_counter() - started
     log.info("%s: trained in %.0f s; scoring %d images", job.name, seconds, len(job.test))
-    record: dict[str, Any] = {"key": key, "train_seconds": seconds, "parameters": parameters, "device": device}
+    hw = common.hardware(device)
+    record: dict[str, Any] = {
+        "key": key, "train_seconds": seconds, "parameters": parameters, "device": device,
+        "trained": {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    "hardware": hw.get("gpu", hw["cpu"]), "load": hw["load"]},
+    }  # fmt: skip
     runs = {"plain": False, "tta": True} if job.variant == "unet" else {"plain": False}
     for label, tta in runs.items():
         probabilities = [predictor(s.image, tta) for s in job.test]
@@ -308,6 +313,13 @@ def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> 
         model.info = dataclasses.replace(model.info, provenance=provenance)
         if sum(p.numel() * 4 for p in model.parameters()) > SHIP_LIMIT_BYTES:
             model = model.half()
+            provenance["weights"] = "float16 (scores above were measured with the float32 weights)"
+            model.info = dataclasses.replace(model.info, provenance=provenance)
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        if size > SHIP_LIMIT_BYTES:
+            log.warning("%s (%s): %.0f MiB even in float16, over the %d MiB limit: not shipped",
+                        name, job_name, size / 2**20, SHIP_LIMIT_BYTES // 2**20)  # fmt: skip
+            continue
         target = folder / name
         if target.exists():
             shutil.rmtree(target)
@@ -339,10 +351,10 @@ def _provenance(name: str, job_name: str, record: dict, n_options: int, meta: di
             "tta": False, "scores": summary("plain"), "scores_tta": summary("tta"),
             "how": "experiments/common.py: " + ("em_scores" if em else "nuclei_scores, mean over images"),
         },
-        "training": {
-            "steps": record["key"]["config"]["steps"], "seconds": record["train_seconds"],
-            "device": record["device"], "hardware": meta["hardware"].get("gpu", meta["hardware"]["cpu"]),
-            "command": meta["command"], "date": meta["date"],
+        "training": {  # when and where the record was made (it may be reused by later invocations)
+            "steps": record["key"]["config"]["steps"], "seconds": record["train_seconds"], "device": record["device"],
+            **record.get("trained", {"date": "not recorded", "hardware": "not recorded"}),
+            "command": meta["command"],
         },
     }  # fmt: skip
 

@@ -23,7 +23,8 @@ def test_shipped_model_segments_a_synthetic_image_without_data(tmp_path, monkeyp
     monkeypatch.delenv("BIOUNET_DATA", raising=False)
     shipped = segment_with_shipped_model(tmp_path, progress=False)
     assert (shipped.model, shipped.source, shipped.shape) == ("nuclei", "synthetic fluorescence cells", (512, 512))
-    assert shipped.objects >= 1 and 0.0 <= shipped.f1 <= 1.0
+    # the shipped model on this fixed image of 212 cells: F1 0.61 with 158 objects when last shipped
+    assert shipped.f1 > 0.5 and 100 <= shipped.objects <= 220
     assert shipped.overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from biounet.postprocess import probabilities_to_labels
+from test_metrics import same_partition
 
 
 def disks(centres, radius, shape=(40, 64)) -> np.ndarray:
@@ -19,11 +20,6 @@ def two_touching() -> np.ndarray:
 
     Their distance maxima are 10 px, the neck's saddle 6 px: a dynamic of 4 px."""
     return np.where(disks([(20, 18), (20, 35)], 10), 0.95, 0.05).astype(np.float32)
-
-
-def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
-    return len(pairs[0]) == len(np.unique(a)) == len(np.unique(b))
 
 
 def test_threshold_and_components_match_a_plain_labelling():
@@ -56,8 +52,18 @@ def test_distance_split_cuts_two_touching_disks_at_the_neck():
 
 def test_distance_split_needs_a_deep_enough_neck():
     prob = two_touching()  # the maxima rise 4 px above the saddle between them
-    assert probabilities_to_labels(prob, split="distance", min_seed_height=3.0).max() == 2
-    assert probabilities_to_labels(prob, split="distance", min_seed_height=5.0).max() == 1
+    assert probabilities_to_labels(prob, split="distance", min_seed_height=3.99).max() == 2
+    assert probabilities_to_labels(prob, split="distance", min_seed_height=4.0).max() == 1  # must exceed h
+
+
+@pytest.mark.parametrize("angle", [0, 30, 45, 60, 90])
+def test_distance_split_keeps_an_ellipse_whole_at_any_angle(angle):
+    """The ridge of an elongated object's distance map is one seed even where it runs diagonally."""
+    yy, xx = np.mgrid[:100, :100] - 50.0
+    t = np.deg2rad(angle)
+    u, v = xx * np.cos(t) + yy * np.sin(t), -xx * np.sin(t) + yy * np.cos(t)
+    prob = ((u / 30) ** 2 + (v / 8) ** 2 < 1).astype(np.float32)
+    assert probabilities_to_labels(prob, split="distance").max() == 1
 
 
 def test_probability_split_follows_the_valley_between_cores():
@@ -88,11 +94,12 @@ def test_min_size_removes_small_objects_and_renumbers():
 
 
 def test_three_dimensional_maps():
-    prob = np.zeros((6, 8, 8))
-    prob[1:3, 1:3, 1:3] = 0.9
-    prob[4:6, 5:7, 5:7] = 0.9
-    assert probabilities_to_labels(prob).max() == 2
-    assert probabilities_to_labels(prob, split="distance", min_seed_height=0.5).max() == 2
+    zz, yy, xx = np.mgrid[:24, :24, :40]
+    balls = [(zz - 12) ** 2 + (yy - 12) ** 2 + (xx - cx) ** 2 < 8**2 for cx in (12, 25)]  # touching at x ~ 18
+    prob = np.any(balls, axis=0).astype(np.float32)
+    assert probabilities_to_labels(prob).max() == 1
+    labels = probabilities_to_labels(prob, split="distance")
+    assert labels.max() == 2 and labels[12, 12, 8] != labels[12, 12, 30]
 
 
 def test_input_is_not_modified():

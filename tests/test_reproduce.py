@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import common  # noqa: E402
+import page as page_module  # noqa: E402
 import reproduce  # noqa: E402
 
 from biounet.metrics import isbi_scores  # noqa: E402
@@ -255,3 +256,7 @@ def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
     assert set(results["em"]) == set(reproduce.VARIANTS) == set(results["nuclei"])
     assert set(results["em"]["unet"][0]["plain"]) == set(common.EM_METRICS)
     assert len(results["nuclei"]["unet"]["plain"]) == 3  # one validation image per category
+    # the page's rows are the recorded scores, not placeholders
+    assert "| " + " | ".join(page_module.em_row("biounet U-Net", results["em"]["unet"], "plain")) + " |" in text
+    assert "| " + " | ".join(page_module.nuclei_row("biounet U-Net", results["nuclei"]["unet"]["plain"])) + " |" in text
+    assert "trained" in results["em"]["unet"][0] and "date" in results["em"]["unet"][0]["trained"]

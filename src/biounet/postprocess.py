@@ -123,14 +123,19 @@ def _split_touching(
 ) -> np.ndarray:
     if split == "distance":
         distance = ndimage.distance_transform_edt(foreground)
-        # regional maxima of the h-maxima transform: one seed per maximum of dynamic >= h
+        # regional maxima of the h-maxima transform: one seed per maximum of dynamic > h. A
+        # maximum is a plateau connected through corners too (the reconstruction and
+        # local_maxima use full connectivity), so its pixels are one seed even when they touch
+        # only diagonally, as on a ridge at 45 degrees.
         flooded = reconstruction(distance - min_seed_height, distance, method="dilation")
         seeds = local_maxima(flooded, connectivity=structure.ndim) & foreground
+        seed_structure = ndimage.generate_binary_structure(prob.ndim, prob.ndim)
         relief = -distance
     else:
         seeds = prob > seed_threshold
+        seed_structure = structure
         relief = -prob.astype(np.float64)
-    markers, n_seeds = ndimage.label(seeds, structure)
+    markers, n_seeds = ndimage.label(seeds, seed_structure)
     labels = watershed(relief, markers, mask=foreground, connectivity=structure)
     unseeded, _ = ndimage.label(foreground & (labels == 0), structure)
     labels[unseeded > 0] = unseeded[unseeded > 0] + n_seeds
