@@ -39,6 +39,7 @@ from biounet import UNet
 from biounet.augment import AugmentConfig, augment_batch
 from biounet.datasets import TileDataset, make_sample, synthetic_cells
 from biounet.losses import weighted_cross_entropy
+from biounet.train import TrainConfig, make_optimizer
 
 
 def timed(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
@@ -61,7 +62,7 @@ def biounet_steps(args: argparse.Namespace, device: torch.device) -> dict[str, f
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.99)
+    optimizer = make_optimizer(model, TrainConfig.preset("paper"))  # the recipe's: SGD, momentum 0.99, Nesterov
     tile_in = model.valid_input_size(args.tile)
     tile_out = model.output_size(tile_in)
     crop = slice((tile_in - tile_out) // 2, (tile_in + tile_out) // 2)

@@ -11,7 +11,9 @@ import tifffile
 import torch
 
 from biounet import UNet, load_model, predict
-from biounet.cli import build_parser, main
+from biounet import inference
+from biounet.cli import main
+from biounet.inference import PredictReport
 from biounet.io import read_image, read_image_axes
 
 
@@ -44,16 +46,17 @@ def test_predict_writes_outputs_equal_to_api(tmp_path, model_dir):
     assert read_image(tmp_path / "out" / "a_overlay.png").shape == (70, 50, 3)
 
 
-def test_compile_option_takes_the_modes(tmp_path, model_dir, capsys):
+def test_compile_option_takes_the_modes(tmp_path, model_dir, capsys, monkeypatch):
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((20, 20), np.float32))
     args = ["predict", str(model_dir), str(tmp_path / "a.tif"), "-o", str(tmp_path / "out"), "--no-progress"]
     with pytest.raises(SystemExit):
         main([*args, "--compile", "fastest"])
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
-    parser = build_parser()
-    assert parser.parse_args([*args, "--compile"]).compile == "default"
-    assert parser.parse_args([*args, "--compile", "reduce-overhead"]).compile == "reduce-overhead"
-    assert parser.parse_args(args).compile is None
+    seen = []
+    monkeypatch.setattr(inference, "predict_files", lambda *a, **kw: seen.append(kw["compile"]) or PredictReport())
+    for extra, mode in (([], False), (["--compile"], "default"), (["--compile", "reduce-overhead"], "reduce-overhead")):
+        assert main([*args, *extra]) == 0
+    assert seen == [False, "default", "reduce-overhead"]  # what reaches predict_files
 
 
 def test_predict_stack_keeps_axes(tmp_path, model_dir):

@@ -431,7 +431,7 @@ def test_tile_dataset_covers_every_pixel_uniformly():
     for i in range(len(ds)):
         tile = ds[i]
         assert tile.image.shape == (1, 14, 12) and tile.target.shape == tile.weight.shape == (4, 6)
-        assert tile.image.dtype == torch.float32 and tile.target.dtype == torch.int64
+        assert tile.image.dtype == torch.float32 and tile.target.dtype == torch.uint8
         centre = tile.image[0, 5:9, 3:9].numpy().astype(int)
         inside = tile.weight.numpy() > 0
         np.testing.assert_array_equal(tile.target.numpy(), inside)  # all pixels labelled 1 inside, 0 outside

@@ -34,6 +34,9 @@ def test_pair_files_errors(tmp_path):
         (tmp_path / name).touch()
     pairs = E.pair_files([tmp_path / "a_probabilities.tif", tmp_path / "a_labels.tif"], [tmp_path / "a.png"])
     assert pairs == [(tmp_path / "a_probabilities.tif", tmp_path / "a.png")]
+    pairs = E.pair_files([tmp_path / "a_probabilities.tif", tmp_path / "a_labels.tif"], [tmp_path / "a.png"],
+                         prefer="labels")  # fmt: skip
+    assert pairs == [(tmp_path / "a_labels.tif", tmp_path / "a.png")]
     with pytest.raises(ValueError, match=r"no ground truth for .*b\.tif"):
         E.pair_files([tmp_path / "b.tif"], [tmp_path / "a.png"])
     with pytest.raises(ValueError, match=r"no prediction for ground truth .*c\.png"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import dask
 import dask.array as da
@@ -24,6 +26,7 @@ from biounet.largeimage import (
     open_image,
     plan_chunks,
     predict_dask,
+    predict_to_zarr,
 )
 from biounet.tiling import chunk_context, mirror_indices
 
@@ -243,6 +246,26 @@ def test_large_tiff_is_read_lazily_and_streamed(tmp_path, model_dir, monkeypatch
         assert same_partition(labels[z], labels_from_probabilities(reference[z]))
 
 
+def test_rgb_tiff_is_chunked_by_plane_not_by_row(tmp_path):
+    rgb = (np.random.default_rng(8).random((90, 70, 3)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, tile=(32, 32), photometric="rgb")
+    lazy = open_image(tmp_path / "rgb.tif")
+    assert lazy.axes == "YXS" and lazy.array.chunksize == (90, 70, 3) and lazy.array.numblocks == (1, 1, 1)
+    np.testing.assert_array_equal(lazy.array.compute(), rgb)
+
+
+def test_streamed_labels_use_the_model_threshold_and_say_what_they_skip(tmp_path, caplog):
+    model = net(2)
+    model.info = dataclasses.replace(model.info, postprocess={"threshold": 0.3, "split": "distance", "min_size": 5})
+    image = da.from_array(np.random.default_rng(4).random((1, 1, 60, 60)).astype(np.float32), chunks=(1, 1, 32, 32))
+    with caplog.at_level(logging.WARNING, logger="biounet.largeimage"):
+        predict_to_zarr(model, image, tmp_path, "x", chunk=32, progress=False)
+    assert "post-processing {'split': 'distance', 'min_size': 5} is not applied" in caplog.text
+    prob = zarr.open_array(str(tmp_path / "x_probabilities.ome.zarr" / "0"))[:]
+    labels = zarr.open_array(str(tmp_path / "x_labels.ome.zarr" / "0"))[:]
+    np.testing.assert_array_equal(labels > 0, prob[1] > 0.3)
+
+
 def test_streamed_failures_leave_no_output_and_tta_is_refused(tmp_path, model_dir, monkeypatch, capsys):
     zarr.create_array(str(tmp_path / "a.zarr"), shape=(40, 40), chunks=(20, 20), dtype=np.float32)[:] = 1.0
     argv = ["predict", str(model_dir), str(tmp_path / "a.zarr"), "-o", str(tmp_path / "o"), "--no-progress"]
@@ -301,6 +324,11 @@ def test_compiled_model_gives_the_eager_result(mode):
     graphs = counters["stats"]["unique_graphs"]
     predict(model, image, compile=mode, progress=False)
     assert counters["stats"]["unique_graphs"] == graphs  # the second call reuses the compiled code
+    np.testing.assert_allclose(  # 5 tiles of one shape in batches of 4 and 1: the last batch is filled up
+        predict(model, image[:, :35], tile=32, compile=mode, progress=False),
+        predict(model, image[:, :35], tile=32, progress=False), atol=1e-5,
+    )
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one more tile shape, one more graph
 
 
 @pytest.mark.parametrize("mode", ["fast", 1, None])

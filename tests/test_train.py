@@ -106,6 +106,23 @@ def test_min_size_is_stored_as_post_processing_and_validated():
     assert cfg.postprocess == {"split": "distance", "min_size": 12}
     with pytest.raises(ValueError, match="min_size must be an integer >= 0"):
         TrainConfig.preset("fast", min_size=-1)
+    with pytest.raises(ValueError, match="split must be 'none', 'distance' or 'probability', got 'watershed'"):
+        TrainConfig.preset("fast").updated(["split=watershed"])
+
+
+def test_auto_tile_and_validation_leave_the_run_as_it_would_be(tmp_path):
+    """Resolving tile="auto" draws no random numbers, and validation leaves the weights' memory layout alone."""
+    pairs = synthetic_cells(3, (40, 40), seed=2)
+    samples = [make_sample(im, lab, name=str(i)) for i, (im, lab) in enumerate(pairs)]
+    base = dict(depth=2, base_channels=4, steps=3, val_every=1, deterministic=True)
+    auto = train(samples[:2], tmp_path / "a", TrainConfig.preset("fast", tile="auto", **base),
+                 val_samples=samples[2:], progress=False)  # fmt: skip
+    tile = json.loads((tmp_path / "a" / "train_config.json").read_text())["tile"]
+    fixed = train(samples[:2], tmp_path / "b", TrainConfig.preset("fast", tile=tile, **base),
+                  val_samples=samples[2:], progress=False)  # fmt: skip
+    for (name, a), b in zip(auto.state_dict().items(), fixed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert all(p.is_contiguous() for p in auto.parameters())  # predict() made them channels-last meanwhile
 
 
 def test_split_samples_is_deterministic_and_disjoint():

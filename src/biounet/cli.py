@@ -245,7 +245,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.output:
         check_report_path(args.output)
-    pairs = pair_files(args.pred, args.gt)
+    # cell metrics score the labels that predict wrote with the model's post-processing, if both are there
+    pairs = pair_files(args.pred, args.gt, prefer="labels" if args.metrics == "cells" else "probabilities")
     rows = evaluate_files(
         pairs, metrics=args.metrics, threshold=args.threshold, split=args.split, min_size=args.min_size,
         warping=not args.no_warping, progress=not args.no_progress,

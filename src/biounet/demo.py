@@ -103,7 +103,7 @@ def segment_with_shipped_model(
     found under ``$BIOUNET_DATA``; without the data, a 512x512 synthetic fluorescence
     image. The time covers prediction and post-processing, not loading.
     """
-    from biounet.datasets import read_sample, synthetic_cells
+    from biounet.datasets import read_manifest, read_sample, synthetic_cells
     from biounet.inference import labels_from_probabilities
     from biounet.io import label_overlay, write_png
     from biounet.metrics import match_objects
@@ -112,10 +112,15 @@ def segment_with_shipped_model(
 
     model = load_model(name)
     evaluation = model.info.provenance.get("evaluation", {})
-    root = Path(os.environ.get("BIOUNET_DATA") or "/nonexistent") / str(evaluation.get("dataset", ""))
-    found = [i for i in evaluation.get("images", []) if (root / "images" / f"{i}.png").is_file()]
-    categories = _categories(root / "manifest.csv")
-    found.sort(key=lambda i: categories.get(i) != "fluorescence")  # fluorescence first, else in order
+    found: list[str] = []
+    if data := os.environ.get("BIOUNET_DATA"):
+        root = Path(data) / str(evaluation.get("dataset", ""))
+        found = [i for i in evaluation.get("images", []) if (root / "images" / f"{i}.png").is_file()]
+        try:
+            categories = read_manifest(root / "manifest.csv")
+        except ValueError:  # no manifest: the images in their order
+            categories = {}
+        found.sort(key=lambda i: categories.get(i) != "fluorescence")  # fluorescence first, else in order
     if found:
         sample = read_sample(found[0], root / "images" / f"{found[0]}.png", root / "labels" / f"{found[0]}.tif",
                              as_gray=True)  # fmt: skip
@@ -133,13 +138,3 @@ def segment_with_shipped_model(
     objects = int(np.count_nonzero(np.unique(labels)))
     return ShippedResult(name, source, image.shape, seconds, objects, f1, overlay)
 
-
-def _categories(manifest: Path) -> dict[str, str]:
-    """``{id: category}`` from a data set's ``manifest.csv`` (empty if there is none)."""
-    import csv
-
-    try:
-        with manifest.open(newline="") as handle:
-            return {row.get("id", ""): row.get("category", "") for row in csv.DictReader(handle)}
-    except OSError:
-        return {}

@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from skimage.measure import label as label_components
 
-from biounet.io import IMAGE_SUFFIXES, PathLike, atomic_write, read_image, read_image_axes
+from biounet.io import IMAGE_SUFFIXES, PathLike, atomic_write, image_files, read_image, read_image_axes
 from biounet.metrics import dice_per_class, iou_per_class, isbi_scores, match_objects, seg_score
 from biounet.postprocess import Split, probabilities_to_labels
+from biounet.weights import binary_to_instances
 
 log = logging.getLogger(__name__)
 
 MetricSet = Literal["isbi", "cells", "all"]
 
+Prefer = Literal["probabilities", "labels"]
 _PROBABILITY_SUFFIXES = ("_probabilities", "_probability", "_probs", "_prob")
 #: Name endings ignored when pairing predictions with ground truth (``a_probabilities.tif``
 #: pairs with ``a.png``); checked case-insensitively, repeatedly.
@@ -62,10 +63,7 @@ def _expand(paths: Sequence[PathLike], what: str) -> tuple[list[Path], bool]:
     for path in map(Path, paths):
         if path.is_dir():
             folder = True
-            files += sorted(
-                p for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.lower().endswith("_overlay")
-            )
+            files += [p for p in image_files(path) if not p.stem.lower().endswith("_overlay")]
         elif path.is_file():
             files.append(path)
         else:
@@ -75,14 +73,18 @@ def _expand(paths: Sequence[PathLike], what: str) -> tuple[list[Path], bool]:
     return files, folder
 
 
-def pair_files(predictions: Sequence[PathLike], ground_truth: Sequence[PathLike]) -> list[tuple[Path, Path]]:
+def pair_files(
+    predictions: Sequence[PathLike], ground_truth: Sequence[PathLike], *, prefer: Prefer = "probabilities"
+) -> list[tuple[Path, Path]]:
     """Pair prediction files with ground-truth files by :func:`pairing_key`.
 
     Folders stand for the image files in them (not recursive; ``*_overlay.png`` previews
-    of ``biounet predict`` are skipped). Where several predictions share a key (a folder
+    of ``biounet predict`` are skipped). Where two predictions share a key (a folder
     written by ``biounet predict`` holds ``a_probabilities.tif`` and ``a_labels.tif``),
-    the probability map is used. Files found in a folder may stay unpaired (as result
-    masks of frames without Cell Tracking Challenge ground truth); they are skipped.
+    ``prefer`` picks the probability map (what the ISBI scores need) or the other file,
+    the labels (what the model's own post-processing made: what the cell metrics should
+    score). Files found in a folder may stay unpaired (as result masks of frames without
+    Cell Tracking Challenge ground truth); they are skipped.
 
     Raises
     ------
@@ -106,7 +108,7 @@ def pair_files(predictions: Sequence[PathLike], ground_truth: Sequence[PathLike]
         probability = [p for p in (other, path) if p.stem.lower().endswith(_PROBABILITY_SUFFIXES)]
         if len(probability) != 1:
             raise ValueError(f"predictions {other} and {path} both pair with the name key {key!r}")
-        chosen[key] = probability[0]
+        chosen[key] = probability[0] if prefer == "probabilities" else ({other, path} - set(probability)).pop()
     missing = [str(p) for k, p in chosen.items() if k not in by_key]
     if missing and (not pred_folder or len(missing) == len(chosen)):
         raise ValueError(
@@ -124,7 +126,7 @@ def pair_files(predictions: Sequence[PathLike], ground_truth: Sequence[PathLike]
 def _as_instances(labels: np.ndarray) -> np.ndarray:
     """Instance labels; a binary mask (one nonzero value) becomes its 4-connected components."""
     if np.unique(labels[labels != 0]).size <= 1:
-        return label_components(labels != 0, connectivity=1)
+        return binary_to_instances(labels, connectivity=1)
     return labels
 
 

@@ -28,6 +28,14 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy")
 _SUPPORTED_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 
 
+def image_files(folder: PathLike) -> list[Path]:
+    """The visible image files of ``folder`` (suffixes :data:`IMAGE_SUFFIXES`), sorted by name."""
+    return sorted(
+        f for f in Path(folder).iterdir()
+        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` that replaces ``path`` on success.

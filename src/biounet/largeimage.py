@@ -36,6 +36,7 @@ import contextlib
 import copy
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,9 @@ from scipy.sparse.csgraph import connected_components
 from biounet.inference import is_zarr
 from biounet.io import atomic_folder
 from biounet.model import UNet, UNetConfig
-from biounet.tiling import CompileMode, Precision, chunk_context, mirror_indices, model_items, predict
+from biounet.tiling import (
+    CompileMode, Precision, _check_intensity_range, chunk_context, mirror_indices, model_items, predict,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,12 @@ DEFAULT_CHUNK_3D = 128
 #: images are sampled on a regular grid of at most this many pixels (8- and 16-bit images
 #: stay exact: their percentiles come from a streamed histogram).
 MAX_EXACT_PERCENTILE_PIXELS = 2**24
-#: Foreground threshold of 2-class models, as in :func:`biounet.postprocess.probabilities_to_labels`.
+#: Foreground threshold of 2-class models without one of their own, as in
+#: :func:`biounet.postprocess.probabilities_to_labels`.
 FOREGROUND_THRESHOLD = 0.5
+
+#: Serialises compiled forward passes across Dask's worker threads.
+_COMPILED_LOCK = threading.Lock()
 
 _AXIS_LETTER = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
 
@@ -154,7 +161,7 @@ def open_image(path: str | Path) -> LazyImage:
             return _open_zarr(path)
         if path.suffix.lower() in (".tif", ".tiff"):
             reader = _TiffRegions(path)
-            chunks = (1,) * (reader.ndim - 2) + (1024, 1024)
+            chunks = tuple(1024 if a in "YX" else -1 if a in "CS" else 1 for a in reader.axes)
             return LazyImage(da.from_array(reader, chunks=chunks, meta=np.empty((0,) * reader.ndim, reader.dtype)),
                              reader.axes)  # fmt: skip
     except ValueError as exc:
@@ -368,11 +375,8 @@ def _ranges(model: UNet, items: da.Array, intensity_range: Any) -> np.ndarray | 
         return None
     if intensity_range is None:
         return intensity_percentiles(items, *model.info.normalization)
-    values = np.asarray(intensity_range, dtype=np.float64)
-    channels = items.shape[1]
-    if values.shape not in ((2,), (channels, 2)):
-        raise ValueError(f"intensity_range: expected shape (2,) or ({channels}, 2), got {values.shape}")
-    return np.broadcast_to(values, (items.shape[0], channels, 2))
+    values = _check_intensity_range(intensity_range, items.shape[1])
+    return np.broadcast_to(values, (items.shape[0], *values.shape))
 
 
 def _predict_items(
@@ -431,8 +435,10 @@ def _predict_block(
     if any(k in (0, n - 1) for k, n in zip(where[2:], grid[2:], strict=True)):
         return np.zeros(block_info[None]["chunk-shape"], np.float32)  # a mirrored margin: sliced off, never computed
     item_range = None if ranges is None else ranges[where[0]]
-    prob = predict(model, window[0], channel_axis=0, intensity_range=item_range, context=context, progress=False,
-                   **options)  # fmt: skip
+    # torch.compile'd code (and its CUDA graphs) is not thread-safe: compiled chunks run one at a time
+    with _COMPILED_LOCK if options.get("compile") else contextlib.nullcontext():
+        prob = predict(model, window[0], channel_axis=0, intensity_range=item_range, context=context,
+                       progress=False, **options)  # fmt: skip
     return prob[None]
 
 
@@ -736,7 +742,13 @@ def predict_to_zarr(
         prob_axes, label_axes = [("c", "channel"), ("z", "space"), *space], [("z", "space"), *space]
     class_axis = prob_axes.index(("c", "channel"))
     if config.num_classes == 2:
-        labels = prob[(slice(None),) * class_axis + (1,)] > FOREGROUND_THRESHOLD
+        postprocess = model.info.postprocess
+        skipped = {k: v for k, v in postprocess.items() if k != "threshold" and v not in (None, 0, "none")}
+        if skipped:  # splitting and size filtering need whole objects, which chunks do not have
+            log.warning("%s: streamed labels are the connected components of p > threshold; the model's "
+                        "post-processing %s is not applied to them (it is to in-memory predictions)",
+                        stem, skipped)  # fmt: skip
+        labels = prob[(slice(None),) * class_axis + (1,)] > postprocess.get("threshold", FOREGROUND_THRESHOLD)
     else:
         labels = prob.argmax(axis=class_axis).astype(np.uint16)
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from skimage.measure import label as label_components
+from skimage.segmentation import relabel_sequential
 
 
 def _fiji_thresholds() -> tuple[float, ...]:
@@ -101,11 +102,9 @@ def _check_probabilities(prob: np.ndarray, name: str = "prob") -> np.ndarray:
 
 
 def _sequential(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Labels renumbered 0 (kept), 1..n in increasing order of the original ids."""
-    ids, inverse = np.unique(labels, return_inverse=True)
-    if ids[0] != 0:
-        inverse = inverse + 1
-    return inverse.reshape(labels.shape), len(ids) - int(ids[0] == 0)
+    """Labels renumbered 0 (kept), 1..n in increasing order of the original ids, and n."""
+    sequential = relabel_sequential(labels)[0].astype(np.int64, copy=False)  # int64: pair indices must not wrap
+    return sequential, int(sequential.max(initial=0))
 
 
 def _scan_order(mask: np.ndarray) -> np.ndarray:

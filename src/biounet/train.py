@@ -103,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("constant", "poly", "cosine"):
             raise ValueError(f"TrainConfig.schedule must be 'constant', 'poly' or 'cosine', got {self.schedule!r}")
+        if self.split not in ("none", "distance", "probability"):
+            raise ValueError(f"TrainConfig.split must be 'none', 'distance' or 'probability', got {self.split!r}")
         if not isinstance(self.min_size, int) or self.min_size < 0:
             raise ValueError(f"TrainConfig.min_size must be an integer >= 0, got {self.min_size!r}")
         if not self.lr > 0:
@@ -169,9 +171,13 @@ class TrainConfig:
         """The post-processing stored with the model (:func:`biounet.postprocess.probabilities_to_labels`)."""
         return {"split": self.split, "min_size": self.min_size}
 
+    def net_config(self, in_channels: int, num_classes: int = 2) -> UNetConfig:
+        """The architecture of this recipe's network (no weights are made)."""
+        return UNetConfig(in_channels, num_classes, self.depth, self.base_channels, self.padding, self.norm,
+                          self.dropout)  # fmt: skip
+
     def model(self, in_channels: int, num_classes: int, info: ModelInfo) -> UNet:
-        return UNet(in_channels, num_classes, self.depth, self.base_channels, self.padding, self.norm,
-                    self.dropout, info=info)  # fmt: skip
+        return UNet(**self.net_config(in_channels, num_classes).to_dict(), info=info)
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,7 @@ def train_steps(
     from biounet.weights import weight_map
 
     run_dir, device_ = Path(run_dir), rank_device(torch.device(device))
-    if device_.type == "cuda":
+    if device_.type == "cuda" and device_.index is not None:
         torch.cuda.set_device(device_)  # NCCL's collectives use the current device
     rank, world = _distributed_setup(device_)
     samples = list(samples)
@@ -262,7 +268,7 @@ def train_steps(
         saved = run_dir / "train_config.json"
         tile = json.loads(saved.read_text()).get("tile") if resume and saved.is_file() else None
         tile = tile if isinstance(tile, int) else auto_tile(config, samples, device_, in_channels)
-        config = dataclasses.replace(config, tile=tile)
+        config = dataclasses.replace(config, tile=_from_rank0(tile, world))
         log.info("training tile: %d px, the largest valid tile that the data and memory allow", config.tile)
     info = ModelInfo(normalization=config.normalization, class_names=("background", "cell"),
                      postprocess=config.postprocess,
@@ -289,7 +295,8 @@ def train_steps(
     aug_config = dataclasses.replace(
         AugmentConfig.paper(), elastic_std=config.elastic_std, elastic_grid=(config.elastic_grid,) * 2
     )
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    # augmentation draws on the training device (no per-step host-to-device copies of noise and grids)
+    generator = torch.Generator(device=device_).manual_seed(config.seed * 1000 + rank)
 
     # ---- resume ----------------------------------------------------------------------------
     start, best = 0, -math.inf
@@ -299,7 +306,7 @@ def train_steps(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _restore_rng_states(state, generator, rank, world)
+        _restore_rng_states(state, generator, rank, world, device_)
         start, best = int(state["step"]), float(state["best"])
         log.info("resuming %s at step %d", run_dir, start)
     fields = ["step", "loss", "lr", "seconds", "tiles_per_s", "val_pixel_error", "val_iou", "val_f1"]
@@ -344,6 +351,8 @@ def train_steps(
         metrics: dict[str, float] = {}
         if val_samples and (step % config.val_every == 0 or step == config.steps) and rank == 0:
             metrics = evaluate_samples(model, val_samples)
+            # predict() runs the model channels-last where faster; give training back its own layout
+            model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
             row.update({f"val_{k}": v for k, v in metrics.items()})
             if metrics["iou"] > best:
                 best = metrics["iou"]
@@ -355,7 +364,7 @@ def train_steps(
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise TrainingError(f"weights became non-finite at step {step}; stopping: the last good "
                                     f"checkpoint (step {start}) is kept in {checkpoint_path}. Try a lower lr.")  # fmt: skip
-            rng_states = _gather_rng_states(generator, world)
+            rng_states = _gather_rng_states(generator, device_, world)
             if rank == 0:
                 model.save(run_dir / "last")
                 _save_checkpoint(checkpoint_path, model, optimizer, scheduler, rng_states, step, best)
@@ -373,7 +382,7 @@ def train_steps(
         _check_replicas_agree(model, run_dir, rank, world)
 
 
-#: Largest automatic training tile (input px): beyond it a step only gets slower.
+#: Largest automatic training tile (input px): a cap on the time of one step (chosen, not measured).
 AUTO_TILE_MAX = 1084
 #: Share of the free GPU memory that an automatic training tile may take.
 AUTO_TILE_MEMORY_SHARE = 0.8
@@ -392,7 +401,7 @@ def auto_tile(config: TrainConfig, samples: Sequence[Any], device: str | torch.d
     probe)**2``, fits in :data:`AUTO_TILE_MEMORY_SHARE` of the free memory is chosen. On
     other devices the cap is used.
     """
-    config_net = config.model(in_channels, 2, ModelInfo()).config
+    config_net = config.net_config(in_channels)
     side = max(max(s.image.shape[:2]) for s in samples)
     cap = min(config_net.input_size_for(side), config_net._valid_input_at_most(AUTO_TILE_MAX) or AUTO_TILE_MAX)
     device = torch.device(device)
@@ -400,8 +409,9 @@ def auto_tile(config: TrainConfig, samples: Sequence[Any], device: str | torch.d
         return cap
     probe = min(cap, config_net.valid_input_size(572))
     free, _ = torch.cuda.mem_get_info(device)
-    return largest_tile_within(config_net, cap, probe, _step_peak_bytes(config, in_channels, probe, device),
-                               AUTO_TILE_MEMORY_SHARE * free)  # fmt: skip
+    with torch.random.fork_rng(devices=[device]):  # the probe's weights and dropout leave the seeded streams alone
+        probe_bytes = _step_peak_bytes(config, in_channels, probe, device)
+    return largest_tile_within(config_net, cap, probe, probe_bytes, AUTO_TILE_MEMORY_SHARE * free)
 
 
 def largest_tile_within(config: UNetConfig, cap: int, probe: int, probe_bytes: float, budget: float) -> int:
@@ -410,7 +420,7 @@ def largest_tile_within(config: UNetConfig, cap: int, probe: int, probe_bytes: f
     Never below the smallest valid size.
     """
     size = cap
-    while size > 1 and probe_bytes * (size / probe) ** 2 > budget:
+    while probe_bytes * (size / probe) ** 2 > budget:
         smaller = config._valid_input_at_most(size - 1)
         if smaller is None:
             break
@@ -436,6 +446,17 @@ def _step_peak_bytes(config: TrainConfig, in_channels: int, tile: int, device: t
     del model, x, logits, loss
     torch.cuda.empty_cache()
     return peak
+
+
+def _from_rank0(value: Any, world: int) -> Any:
+    """Rank 0's ``value`` on every rank (so that all ranks train alike); ``value`` itself in one process."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _check_replicas_agree(model: UNet, run_dir: Path, rank: int, world: int) -> None:
@@ -542,19 +563,26 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, rng_states: dict, 
         torch.save(state, tmp)
 
 
-def _gather_rng_states(generator: torch.Generator, world: int) -> dict[str, list[torch.Tensor]]:
-    """Every rank's augmentation generator and torch RNG state, in rank order (all ranks call this)."""
-    local = (generator.get_state(), torch.get_rng_state())
+def _gather_rng_states(generator: torch.Generator, device: torch.device, world: int) -> dict[str, list[Any]]:
+    """Every rank's augmentation generator, torch CPU and CUDA (dropout) RNG states, in rank order.
+
+    All ranks call this (an all-gather); CUDA states are None on other devices.
+    """
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    local = (generator.get_state(), torch.get_rng_state(), cuda)
     states = [local]
     if world > 1:
         import torch.distributed as dist
 
         states = [None] * world
         dist.all_gather_object(states, local)
-    return {"generators": [g for g, _ in states], "torch_rngs": [t for _, t in states]}
+    return {"generators": [g for g, _, _ in states], "torch_rngs": [t for _, t, _ in states],
+            "cuda_rngs": [c for _, _, c in states]}  # fmt: skip
 
 
-def _restore_rng_states(state: dict, generator: torch.Generator, rank: int, world: int) -> None:
+def _restore_rng_states(
+    state: dict, generator: torch.Generator, rank: int, world: int, device: torch.device | None = None
+) -> None:
     """Give this rank back its own random streams from a checkpoint of the same number of ranks.
 
     With another number of ranks the streams cannot continue; each rank keeps the fresh
@@ -568,6 +596,9 @@ def _restore_rng_states(state: dict, generator: torch.Generator, rank: int, worl
         return
     generator.set_state(generators[rank])
     torch.set_rng_state(torch_rngs[rank])
+    cuda = (state.get("cuda_rngs") or [None] * world)[rank]
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _is_rank0() -> bool:

@@ -27,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.segmentation import relabel_sequential
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ def _two_nearest_distances(labels: np.ndarray, cutoff: float) -> tuple[np.ndarra
     as infinite (the true one is larger than ``cutoff`` there).
     """
     if labels.max(initial=0) > labels.size:  # sparse ids: find_objects is O(max label)
-        ids, inverse = np.unique(labels, return_inverse=True)
-        labels = inverse.reshape(labels.shape) + int(ids[0] != 0)
+        labels = relabel_sequential(labels)[0]
     margin = max(labels.shape) if math.isinf(cutoff) else math.ceil(cutoff)
     d1 = np.full(labels.shape, np.inf)
     d2 = np.full(labels.shape, np.inf)
