@@ -17,9 +17,19 @@ and ``--channels-last`` set the fast path on a GPU. Timings are medians over ``-
 steps after ``--warmup`` steps; the load average before and after is printed, because
 other jobs on the machine change CPU timings.
 
+``--recipe cpu`` measures instead the CPU recipe (the ``fast`` preset: width 16, depth 4,
+batch norm, 380 px tiles in batches of 2, AdamW), each step fed by its whole data pipeline (random tile,
+mirrored borders, precomputed weight map, the paper's augmentation), in float32 eager
+(``channels_last = false``) against the fast configuration (bfloat16 autocast and
+channels-last, the ``precision = "auto"`` default where the CPU has AVX512-BF16 or AMX;
+``--compile`` adds a ``torch.compile`` row), and, in the same run, the results page's MONAI
+peer (``experiments/peer_monai.py``: ``BasicUNet`` 16-256, 256 px crops in batches of 4, its
+own augmentation, ``DiceCELoss``, Adam at 1e-4, float32), in steps/s and labelled output Mpx/s.
+
 Usage::
 
     python benchmarks/train.py                         # CPU, paper net: minutes on 2 cores
+    python benchmarks/train.py --recipe cpu --steps 40 --warmup 5   # the CPU recipe, fp32 vs bf16 vs MONAI
     python benchmarks/train.py --quick                 # 8-channel nets, seconds
     python benchmarks/train.py --device cuda --precision bfloat16 --compile --channels-last
 """
@@ -39,6 +49,7 @@ from biounet import UNet
 from biounet.augment import AugmentConfig, augment_batch
 from biounet.datasets import TileDataset, make_sample, synthetic_cells
 from biounet.losses import weighted_cross_entropy
+from biounet.model import ModelInfo
 from biounet.train import TrainConfig, make_optimizer
 
 
@@ -105,6 +116,102 @@ def biounet_steps(args: argparse.Namespace, device: torch.device) -> dict[str, f
     }  # fmt: skip
 
 
+def cpu_recipe_steps(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[float, int, int]]:
+    """Seconds per step of the ``fast`` preset with its data pipeline, by configuration; tile in and out sides."""
+    from biounet.tiling import resolve_precision
+    from biounet.weights import weight_map
+
+    config = TrainConfig.preset("fast")
+    pairs = synthetic_cells(4, (512, 512), seed=0)
+    samples = [make_sample(image, labels, name=str(i)) for i, (image, labels) in enumerate(pairs)]
+    variants = {"float32 eager (contiguous)": ("float32", False, False),
+                f"{resolve_precision(device)} + channels-last (the default)": (resolve_precision(device), True, False)}
+    if args.compile:
+        variants[f"{resolve_precision(device)} + channels-last + torch.compile"] = (resolve_precision(device), True, True)
+    out: dict[str, tuple[float, int, int]] = {}
+    for label, (precision, channels_last, compiled) in variants.items():
+        torch.manual_seed(0)
+        model = config.model(1, 2, ModelInfo()).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        net = torch.compile(model) if compiled else model
+        optimizer = make_optimizer(model, config)
+        tile_in = model.valid_input_size(config.tile)
+        tile_out = model.output_size(tile_in)
+        crop = slice((tile_in - tile_out) // 2, (tile_in + tile_out) // 2)
+        tiles = TileDataset(samples, tile_in, tile_out, targets="input", length=10**6,
+                            weight_fn=lambda labels: weight_map(labels, w0=config.w0, sigma=config.sigma))  # fmt: skip
+        generator = torch.Generator(device=device).manual_seed(0)
+        counter = iter(range(10**6))
+
+        items = [tiles[next(counter)] for _ in range(config.batch_size)]
+        ready = tuple(torch.stack(t).to(device) for t in zip(*items, strict=True))
+
+        def step(bare: bool = False) -> None:
+            if bare:  # the same batch every step: the network and optimiser alone
+                image, target, weight = ready
+            else:
+                items = [tiles[next(counter)] for _ in range(config.batch_size)]
+                image, target, weight = (torch.stack(t).to(device) for t in zip(*items, strict=True))
+                image, target, weight = augment_batch(image, target, weight, config=AugmentConfig.paper(),
+                                                      generator=generator)  # fmt: skip
+            if channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                logits = net(image)
+            loss = weighted_cross_entropy(logits, target[:, crop, crop], weight[:, crop, crop])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        out[label] = (timed(step, device, args.warmup, args.steps), tile_in, tile_out)
+        out[label + ", bare step (no data pipeline)"] = (timed(lambda: step(True), device, args.warmup, args.steps),
+                                                         tile_in, tile_out)  # fmt: skip
+    return out
+
+
+def monai_cpu_recipe_step(args: argparse.Namespace, device: torch.device) -> tuple[float, int, int]:
+    """Seconds per step of the results page's MONAI peer (``experiments/peer_monai.py``); crop side and batch."""
+    import sys
+    from pathlib import Path
+
+    from monai.losses import DiceCELoss
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    import peer_monai
+
+    config = peer_monai.peer_config(TrainConfig.preset("fast"))
+    pairs = synthetic_cells(4, (512, 512), seed=0)
+    data = peer_monai.peer_data([make_sample(image, labels, name=str(i)) for i, (image, labels) in enumerate(pairs)])
+    net = peer_monai.peer_network(config).to(device)
+    optimizer = make_optimizer(net, config)
+    transform = peer_monai.augmentation(peer_monai.peer_tile(config), seed=0)
+    loss_fn, rng = DiceCELoss(to_onehot_y=True, softmax=True), np.random.default_rng(0)
+
+    def step() -> None:
+        peer_monai.peer_step(net, optimizer, loss_fn, transform, data, rng, config.batch_size, device)
+
+    return timed(step, device, args.warmup, args.steps), peer_monai.peer_tile(config), config.batch_size
+
+
+def cpu_recipe_main(args: argparse.Namespace, device: torch.device) -> None:
+    load_before = os.getloadavg()[0]
+    ours = cpu_recipe_steps(args, device)
+    monai_seconds, size, batch = monai_cpu_recipe_step(args, device)
+    load_after = os.getloadavg()[0]
+    batch_size = TrainConfig.preset("fast").batch_size
+    print(f"device: CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; CPU recipe (fast preset, "
+          f"batch {batch_size}); load average {load_before:.1f} -> {load_after:.1f}\n")  # fmt: skip
+    print("| recipe and configuration | tile in -> out | steps/s | output Mpx/s | of float32 eager |")
+    print("| --- | --- | --- | --- | --- |")
+    base = next(iter(ours.values()))[0]  # float32 eager with its pipeline
+    for label, (seconds, tile_in, out) in ours.items():
+        print(f"| biounet fast, {label} | {tile_in} -> {out} | {1 / seconds:.3g} | "
+              f"{batch_size * out**2 / seconds / 1e6:.3g} | {base / seconds:.2f}x |")  # fmt: skip
+    print(f"| MONAI BasicUNet 16-256, float32 | {size} -> {size} | {1 / monai_seconds:.3g} | "
+          f"{batch * size**2 / monai_seconds / 1e6:.3g} | - |")  # fmt: skip
+
+
 def monai_step(args: argparse.Namespace, device: torch.device) -> tuple[float, int]:
     from monai.losses import DiceCELoss
     from monai.networks.nets import BasicUNet
@@ -145,6 +252,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--quick", action="store_true", help="8-channel nets, 284 px tiles: a smoke check")
+    parser.add_argument("--recipe", choices=("paper", "cpu"), default="paper",
+                        help="the paper's step (default) or the CPU recipe with its pipeline against MONAI's")
     args = parser.parse_args()
     if args.quick:
         args.width, args.tile = 8, 284
@@ -152,6 +261,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
+    if args.recipe == "cpu":
+        return cpu_recipe_main(args, device)
     load_before = os.getloadavg()[0]
     ours = biounet_steps(args, device)
     monai_seconds, monai_size = monai_step(args, device)

@@ -24,9 +24,11 @@ from biounet.metrics import iou_per_class, isbi_scores, match_objects, seg_score
 EM_DIR, NUCLEI_DIR = "isbi2012-em", "dsb2018-nuclei"
 DATASETS = ("em", "nuclei")
 #: Variants in the order they run (most important first, for ``--time-limit``).
-VARIANTS = ("unet", "monai", "no-elastic", "no-border", "same-padding")
+VARIANTS = ("unet", "monai", "float32", "previous-recipe", "no-elastic", "no-border", "same-padding")
 #: Ablations and the one thing each changes (``configs/ablation-<name>.toml``).
 ABLATIONS = {
+    "float32": "float32 eager, contiguous memory (the CPU default before bfloat16 and channels-last)",
+    "previous-recipe": "the previous CPU recipe's net and tiles: 3 poolings, 204 px tiles in batches of 4",
     "no-elastic": "no elastic deformation (`elastic_std = 0`)",
     "no-border": "no border term of the weight map (`w0 = 0`)",
     "same-padding": 'same padding (`padding = "same"`), tiled at the training tile, with its seams',

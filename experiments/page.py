@@ -30,10 +30,22 @@ def config_summary(config: dict[str, Any]) -> str:
         f"width {config['base_channels']}, depth {config['depth']}, {config['padding']} padding, "
         f"{config.get('norm') or 'no'} normalisation layers, tile "
         f"{config['tile']}, batch {config['batch_size']}, {config['optimizer']} lr {config['lr']} "
-        f"({config['schedule']}), {config['steps']} steps, w0 {config['w0']}, sigma {config['sigma']}, "
+        f"({config['schedule']}), {budget(config)}, {_precision(config.get('precision', 'float32'))}, "
+        f"w0 {config['w0']}, sigma {config['sigma']}, "
         f"elastic std {config['elastic_std']} px on a {grid}x{grid} grid, post-processing split "
         f"\"{config.get('split', 'none')}\", objects under {config.get('min_size', 0)} px removed"
     )
+
+
+def _precision(precision: str) -> str:
+    if precision == "auto":
+        return "precision `auto` (bfloat16 autocast where the CPU or GPU computes it natively, else float32)"
+    return f"{precision} precision"
+
+
+def budget(config: dict[str, Any]) -> str:
+    """``"N steps"`` or ``"M minutes"`` (a time budget fixes the steps when the run starts)."""
+    return f"{config['minutes']:g} minutes" if config.get("minutes") else f"{config['steps']} steps"
 
 
 def em_row(label: str, records: Sequence[dict], run: str) -> list[str]:
@@ -64,6 +76,11 @@ def _header(results: dict[str, Any]) -> list[str]:
         lines += [f"> **Smoke run (`--quick`)**: {meta['steps']} training steps on {meta['crop']} px crops. "
                   "The numbers only show that the machinery runs end to end; they say nothing about U-Net.",
                   ""]  # fmt: skip
+    elif meta["device"] == "cpu" and meta.get("minutes"):
+        lines += [f"> **CPU run at equal wall-clock.** Every model, biounet's and the peer's, trained for "
+                  f"{meta['minutes']:g} minutes on the same {hw['cpu']} (the steps that fit were timed on each "
+                  "model's first steps, then fixed; see *What ran*); the paper trained for 10 hours on a GPU. "
+                  "Differences between rows of this size may be noise.", ""]  # fmt: skip
     elif meta["device"] == "cpu":
         lines += [f"> **CPU-scale run.** `{meta['preset']}` preset, {meta['steps']} training steps per model, on a "
                   "shared CPU; the paper trained for 10 hours on a GPU. These numbers show what this budget gives, "
@@ -97,10 +114,12 @@ def _what_ran(results: dict[str, Any]) -> list[str]:
             key = records[0]["key"]
             where = (f"folds {', '.join(str(r['key']['fold']) for r in records)}" if dataset == "em"
                      else f"{len(key['train'])} train / {len(key['test'])} validation images")  # fmt: skip
-            rows.append([TITLES[dataset], LABELS[variant], where, key["config"]["steps"],
+            steps = [r.get("steps_run", r["key"]["config"]["steps"]) for r in records]
+            rows.append([TITLES[dataset], LABELS[variant], where, budget(key["config"]),
+                         f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}",
                          f"{records[0]['parameters']:,}", minutes(sum(seconds)),
                          minutes(float(np.mean(seconds)))])  # fmt: skip
-    header = ["data", "model", "trained on", "steps", "parameters", "training time", "per model"]
+    header = ["data", "model", "trained on", "budget", "steps", "parameters", "training time", "per model"]
     lines = ["### What ran", "", markdown_table(header, rows), ""]
     skipped = list(dict.fromkeys(name.rsplit("/fold", 1)[0] for name in meta["skipped"]))
     if skipped:
@@ -124,7 +143,7 @@ def _em_section(records: list[dict], figure: str | None) -> list[str]:
         "## ISBI 2012 EM: cross-validation", "",
         f"The 25 labelled slices of `$BIOUNET_DATA/{EM_DIR}` in {N_FOLDS} folds of 5 consecutive slices "
         "(neighbouring slices look alike, so blocks rather than interleaved slices); each model trains on the other "
-        f"20. Run here: {folds}. Scores follow the challenge's Fiji evaluation (`biounet.metrics.isbi_scores`): per "
+        f"20{_select_note(records)}. Run here: {folds}. Scores follow the challenge's Fiji evaluation (`biounet.metrics.isbi_scores`): per "
         "threshold the mean over a fold's 5 slices, then the best threshold, one per fold. Rand error = 1 - V_rand, "
         "pixel error = 1 - best pixel F-score. Mean ± standard deviation over folds. TTA: the mean of the 8 flips "
         "and 90-degree rotations.", "",
@@ -142,6 +161,11 @@ def _em_section(records: list[dict], figure: str | None) -> list[str]:
     if figure:
         lines += [f"![EM slice: input, prediction, ground truth, errors]({figure})", ""]
     return lines
+
+
+def _select_note(records: list[dict]) -> str:
+    n_val = len(records[0]["key"].get("val", []))
+    return f" ({20 - n_val} of them, and {n_val} to pick its best model: see *Model selection*)" if n_val else ""
 
 
 def _nuclei_section(record: dict, meta: dict, figure: str | None) -> list[str]:
@@ -177,8 +201,10 @@ def _nuclei_section(record: dict, meta: dict, figure: str | None) -> list[str]:
 
 def _ablation_section(results: dict[str, Any]) -> list[str]:
     lines = ["## Ablations", "",
-             "Each row changes one thing against the baseline, on the same folds or split, with the same steps and "
-             "seeds (`configs/ablation-*.toml`). The TTA ablation is the baseline's with/without-TTA pair above. "
+             "Each row changes one thing against the baseline (one setting, or the fields that make it, named in "
+             "the row), on the same folds or split, with the same budget and seeds (`configs/ablation-*.toml`); "
+             "the baseline row is its mean over the folds the ablations ran on. The TTA ablation is the baseline's "
+             "with/without-TTA pair above. "
              "*Seam* is the largest difference of p(cell) on the first held-out slice between prediction tiled at "
              "the training tile and prediction in one tile (largest over folds): zero up to float rounding for "
              "valid padding (exact overlap-tile), not for same padding.", ""]  # fmt: skip
@@ -190,23 +216,29 @@ def _ablation_section(results: dict[str, Any]) -> list[str]:
         for v in variants:
             change = "none (baseline)" if v == "unet" else ABLATIONS[v]
             if dataset == "em":
-                seam = format(max(r["seam"] for r in results["em"][v]), ".1e")
-                rows.append([change, *em_row(v, results["em"][v], "plain")[1:], seam])
+                folds = {r["key"]["fold"] for r in results["em"][v]}
+                ablated_folds = {r["key"]["fold"] for a in ABLATIONS for r in results["em"].get(a, [])}
+                records = [r for r in results["em"][v] if v != "unet" or r["key"]["fold"] in (ablated_folds or folds)]
+                seam = format(max(r["seam"] for r in records), ".1e")
+                where = ", ".join(str(r["key"]["fold"]) for r in records)
+                rows.append([change, where, *em_row(v, records, "plain")[1:], seam])
             else:
                 rows.append([change, *nuclei_row(v, results["nuclei"][v]["plain"])[1:]])
-        header = ["change", *(EM_HEADER[1:] + ["seam"] if dataset == "em" else NUCLEI_HEADER[1:])]
+        header = ["change", *(["folds", *EM_HEADER[1:], "seam"] if dataset == "em" else NUCLEI_HEADER[1:])]
         lines += [f"**{TITLES[dataset]}**", "", markdown_table(header, rows), ""]
     return lines
 
 
 def _peer_section(results: dict[str, Any]) -> list[str]:
+    same = ("the same wall-clock minutes on the same machine" if results["meta"].get("minutes")
+            else "the same number of steps")  # fmt: skip
     lines = ["## Same-budget peer: MONAI BasicUNet", "",
-             "MONAI's `BasicUNet` (zero padding, instance norm, LeakyReLU; widths (w, 2w, 4w, 8w, 16w, w) for our "
-             "width w; it always pools four times) trained with MONAI's own augmentation (`RandSpatialCropd`, flips, "
+             "MONAI's `BasicUNet` (zero padding, instance norm, LeakyReLU; widths 16, 32, 64, 128, 256, 16: four "
+             "poolings) trained the way MONAI users train it (`experiments/peer_monai.py`: 256 px crops in batches "
+             "of 4, Adam at a constant 1e-4, float32) with MONAI's own augmentation (`RandSpatialCropd`, flips, "
              "`RandRotate90d`, `Rand2DElasticd`, intensity scaling, shifting and noise) and `DiceCELoss`, on the "
-             "same images, with the same tile size (rounded up to a multiple of 16), batch size, steps, optimiser "
-             "and schedule; predicted with `sliding_window_inference` (25 % overlap, Gaussian blending) and scored "
-             "by the same functions. No TTA on either row.", ""]  # fmt: skip
+             f"same images, for {same}; predicted with `sliding_window_inference` (25 % overlap, Gaussian blending) "
+             "and scored by the same functions. No TTA on either row.", ""]  # fmt: skip
     for dataset in DATASETS:
         if "monai" not in results[dataset]:
             continue
@@ -216,6 +248,30 @@ def _peer_section(results: dict[str, Any]) -> list[str]:
             rows.append(em_row(LABELS[v], value, "plain") if dataset == "em" else nuclei_row(LABELS[v], value["plain"]))
         header = EM_HEADER if dataset == "em" else NUCLEI_HEADER
         lines += [f"**{TITLES[dataset]}**", "", markdown_table(header, rows), ""]
+    return lines
+
+
+def _selection_section(results: dict[str, Any]) -> list[str]:
+    """``best`` (picked on held-out training images by the task's score) beside ``last``, per fold or split."""
+    lines = ["## Model selection: best against last", "",
+             f"Each U-Net held out {results['meta']['select']:.0%} of its training images (rounded up) and was "
+             "validated on them every `val_every` steps; `best` is the model with the highest validation score of "
+             "its task (`best_by`: V_rand for EM, AP @ 0.5 for nuclei), `last` the final one. Both are scored on "
+             "the same held-out fold or split as above, without TTA.", ""]  # fmt: skip
+    em = [r for r in results["em"].get("unet", []) if "best" in r]
+    if em:
+        rows = [[r["key"]["fold"], r.get("best_step", "–"), r["steps_run"],
+                 *(f"{r['best'][m]:.4f} / {r['plain'][m]:.4f}" for m in ("v_rand", "v_info", "pixel_error"))]
+                for r in em]  # fmt: skip
+        diffs = [r["best"]["v_rand"] - r["plain"]["v_rand"] for r in em]
+        lines += [f"**{TITLES['em']}** (best / last)", "",
+                  markdown_table(["fold", "best at step", "of steps", "V_rand", "V_info", "pixel error"], rows), "",
+                  f"V_rand of best minus last: mean {np.mean(diffs):+.4f}, worst {min(diffs):+.4f}.", ""]
+    nuclei = results["nuclei"].get("unet")
+    if nuclei and "best" in nuclei:
+        lines += [f"**{TITLES['nuclei']}** (best at step {nuclei.get('best_step', '–')} of {nuclei['steps_run']})",
+                  "", markdown_table(NUCLEI_HEADER, [nuclei_row("best", nuclei["best"]),
+                                                     nuclei_row("last", nuclei["plain"])]), ""]  # fmt: skip
     return lines
 
 
@@ -231,6 +287,9 @@ def results_page(results: dict[str, Any], page: Path, figures: dict[str, Path]) 
         lines += _ablation_section(results)
     if any("monai" in results[d] for d in DATASETS):
         lines += _peer_section(results)
+    if results["meta"].get("select") and any("best" in r for r in _records(results["em"].get("unet", []))
+                                              + _records(results["nuclei"].get("unet", []))):
+        lines += _selection_section(results)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -267,7 +326,7 @@ def model_card(name: str, job_name: str, record: dict, provenance: dict, results
         caveat = "By category (no TTA):\n\n" + markdown_table(["category", *NUCLEI_HEADER[1:]], by_category)
     where = "a shared CPU" if record["device"] == "cpu" else str(record["device"])
     limits = [
-        f"Trained for {key['config']['steps']} steps with the `{meta['preset']}` preset on {where} "
+        f"Trained for {record.get('steps_run', key['config']['steps'])} steps with the `{meta['preset']}` preset on {where} "
         f"({minutes(record['train_seconds'])}); the paper trained for 10 hours on a GPU. Expect clearly worse "
         "results than a full run.",
         "It has only seen the images described under Data; other microscopes, stains or pixel sizes need retraining.",

@@ -65,7 +65,7 @@ from biounet.datasets import Sample, load_dataset
 from biounet.io import atomic_write
 from biounet.model import UNet, load_model
 from biounet.tiling import predict
-from biounet.train import TrainConfig, train
+from biounet.train import TrainConfig, split_samples, train
 
 log = logging.getLogger("reproduce")
 
@@ -90,23 +90,32 @@ class Job:
     config: TrainConfig
     run_dir: Path
     categories: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Images held out of ``train`` to pick the ``best`` model by ``config.best_by`` (``--select``).
+    val: tuple[Sample, ...] = ()
 
     @property
     def name(self) -> str:
         return f"{self.dataset}/{self.variant}" + ("" if self.fold is None else f"/fold{self.fold}")
 
 
-def experiment_config(dataset: str, variant: str, preset: str, steps: int | None, sets: Sequence[str]) -> TrainConfig:
-    """Preset, then ``configs/<dataset>.toml``, then the ablation's TOML, then ``--steps`` and ``--set``."""
+def experiment_config(
+    dataset: str, variant: str, preset: str, steps: int | None, sets: Sequence[str], minutes: float | None = None
+) -> TrainConfig:
+    """Preset, then ``configs/<dataset>.toml``, then the ablation's TOML, then ``--steps``, ``--minutes``, ``--set``.
+
+    The MONAI peer's recipe (:func:`peer_monai.peer_config`) is laid over last.
+    """
     config = TrainConfig.from_toml(CONFIGS / f"{dataset}.toml", TrainConfig.preset(preset))
     if variant in ABLATIONS:
         config = TrainConfig.from_toml(CONFIGS / f"ablation-{variant}.toml", config)
     if steps is not None:
         config = dataclasses.replace(config, steps=steps)
+    if minutes is not None:
+        config = dataclasses.replace(config, minutes=minutes)
     config = config.updated(sets)
     if config.tile == "auto":  # one fixed tile for every variant, fold and machine: the paper's
         config = dataclasses.replace(config, tile=572)
-    return config
+    return peer_monai.peer_config(config) if variant == "monai" else config
 
 
 def unet_predict(model: UNet, image: np.ndarray, config: TrainConfig, *, tta: bool, device: str) -> np.ndarray:
@@ -133,7 +142,7 @@ def _key(job: Job, crop: int | None) -> dict[str, Any]:
         config = {name: config[name] for name in peer_monai.RECIPE_FIELDS}
     key = {
         "dataset": job.dataset, "variant": job.variant, "fold": job.fold, "crop": crop, "config": config,
-        "train": [s.name for s in job.train], "test": [s.name for s in job.test],
+        "train": [s.name for s in job.train], "test": [s.name for s in job.test], "val": [s.name for s in job.val],
     }  # fmt: skip
     return json.loads(json.dumps(key))
 
@@ -166,31 +175,43 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
     if job.run_dir.exists():
         shutil.rmtree(job.run_dir)
     job.run_dir.mkdir(parents=True)
-    log.info("%s: training %d steps on %d images", job.name, job.config.steps, len(job.train))
+    budget = f"{job.config.minutes:g} min" if job.config.minutes else f"{job.config.steps} steps"
+    log.info("%s: training %s on %d images (%d validation)", job.name, budget, len(job.train), len(job.val))
     started = time.perf_counter()
+    models: dict[str, Any] = {}
     if job.variant == "monai":
         net = peer_monai.train_peer(job.train, job.run_dir, job.config, device=device, progress=progress)
         parameters = peer_monai.count_parameters(net)
+        steps_run = json.loads((job.run_dir / "peer.json").read_text())["steps"]
 
-        def predictor(image: np.ndarray, tta: bool) -> np.ndarray:
+        def predictor(image: np.ndarray, tta: bool, run: str = "plain") -> np.ndarray:
             return peer_monai.predict_peer(net, image, job.config, device=device)
     else:
-        model = train(job.train, job.run_dir, job.config, device=device, progress=progress)
-        parameters = sum(p.numel() for p in model.parameters())
+        models["last"] = train(job.train, job.run_dir, job.config, val_samples=job.val, device=device,
+                               progress=progress)  # fmt: skip
+        if job.val:
+            models["best"] = load_model(job.run_dir / "best", device=device)
+        parameters = sum(p.numel() for p in models["last"].parameters())
+        steps_run = json.loads((job.run_dir / "train_config.json").read_text())["steps"]
 
-        def predictor(image: np.ndarray, tta: bool) -> np.ndarray:
-            return unet_predict(model, image, job.config, tta=tta, device=device)
+        def predictor(image: np.ndarray, tta: bool, run: str = "plain") -> np.ndarray:
+            chosen = models["best" if run == "best" else "last"]
+            return unet_predict(chosen, image, job.config, tta=tta, device=device)
     seconds = time.perf_counter() - started
     log.info("%s: trained in %.0f s; scoring %d images", job.name, seconds, len(job.test))
     hw = common.hardware(device)
     record: dict[str, Any] = {
-        "key": key, "train_seconds": seconds, "parameters": parameters, "device": device,
+        "key": key, "train_seconds": seconds, "parameters": parameters, "device": device, "steps_run": steps_run,
         "trained": {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "hardware": hw.get("gpu", hw["cpu"]), "load": hw["load"]},
     }  # fmt: skip
     runs = {"plain": False, "tta": True} if job.variant == "unet" else {"plain": False}
+    if "best" in models:
+        runs["best"] = False
+        best = models["best"].info.provenance.get("best", {})
+        record["best_step"], record["best_value"] = best.get("step"), best.get("value")
     for label, tta in runs.items():
-        probabilities = [predictor(s.image, tta) for s in job.test]
+        probabilities = [predictor(s.image, tta, label) for s in job.test]
         if job.dataset == "em":
             record[label] = common.em_scores([p[1] for p in probabilities], [s.labels for s in job.test])
         else:
@@ -199,7 +220,7 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
                               **common.nuclei_scores(s.labels, p, postprocess)}
                              for s, p in zip(job.test, probabilities, strict=True)]  # fmt: skip
     if job.dataset == "em" and job.variant != "monai":
-        record["seam"] = seam_error(model, job.test[0].image, job.config, device)
+        record["seam"] = seam_error(models["last"], job.test[0].image, job.config, device)
     record["score_seconds"] = time.perf_counter() - started - seconds
     _write_json(record_path, record)
     return record, False
@@ -211,27 +232,42 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
 ConfigFor = Callable[[str, str], TrainConfig]
 
 
+def held_out(train: Sequence[Sample], fraction: float, seed: int) -> tuple[tuple[Sample, ...], tuple[Sample, ...]]:
+    """``train`` split into images to train on and ``fraction`` of them to select the best model on."""
+    if not fraction:
+        return tuple(train), ()
+    fit, val = split_samples(train, fraction, seed=seed)
+    return tuple(fit), tuple(val)
+
+
 def em_jobs(
-    root: Path, variants: Sequence[str], folds: Sequence[int], make_config: ConfigFor, out: Path, crop: int | None
-) -> list[Job]:
-    """One job per variant and fold of the ISBI slices (``crop``: top-left corners only, for ``--quick``)."""
+    root: Path, variants: Sequence[str], folds: Sequence[int], make_config: ConfigFor, out: Path, crop: int | None,
+    select: float = 0.0, ablation_folds: Sequence[int] | None = None,
+) -> list[Job]:  # fmt: skip
+    """One job per variant and fold of the ISBI slices (``crop``: top-left corners only, for ``--quick``).
+
+    With ``select``, that fraction of each fold's training slices validates the ``best``
+    model instead of training it (the peer trains on the same images, without validation).
+    Ablations run on ``ablation_folds`` (default: ``folds``).
+    """
     samples = load_dataset(root / EM_DIR, layout="isbi")
     if crop:
         samples = [common.crop_sample(s, crop) for s in samples]
     blocks = common.contiguous_folds([s.name for s in samples], N_FOLDS)
     jobs = []
     for variant in variants:
-        for k in folds:
+        for k in (ablation_folds if variant in ABLATIONS and ablation_folds is not None else folds):
             held = set(blocks[k])
-            jobs.append(Job("em", variant, k, tuple(s for s in samples if s.name not in held),
-                            tuple(s for s in samples if s.name in held), make_config("em", variant),
-                            out / "em" / variant / f"fold{k}"))  # fmt: skip
+            fit, val = held_out([s for s in samples if s.name not in held], select, seed=k)
+            jobs.append(Job("em", variant, k, fit, tuple(s for s in samples if s.name in held),
+                            make_config("em", variant), out / "em" / variant / f"fold{k}",
+                            val=() if variant == "monai" else val))  # fmt: skip
     return jobs
 
 
 def nuclei_jobs(
     root: Path, variants: Sequence[str], make_config: ConfigFor, out: Path, *, fraction: float, seed: int,
-    crop: int | None,
+    crop: int | None, select: float = 0.0,
 ) -> list[Job]:  # fmt: skip
     """One job per variant on the stratified split (``crop``: a few cropped images per category, for ``--quick``)."""
     categories = common.read_manifest(root / NUCLEI_DIR / "manifest.csv")
@@ -249,9 +285,10 @@ def nuclei_jobs(
     def pick(name: str) -> Sample:
         return common.crop_sample(samples[name], crop) if crop else samples[name]
 
-    train_set, test_set = tuple(pick(i) for i in train_ids), tuple(pick(i) for i in val_ids)
-    return [Job("nuclei", variant, None, train_set, test_set, make_config("nuclei", variant), out / "nuclei" / variant,
-                categories) for variant in variants]  # fmt: skip
+    test_set = tuple(pick(i) for i in val_ids)
+    fit, val = held_out([pick(i) for i in train_ids], select, seed=seed)
+    return [Job("nuclei", variant, None, fit, test_set, make_config("nuclei", variant), out / "nuclei" / variant,
+                categories, val=() if variant == "monai" else val) for variant in variants]  # fmt: skip
 
 
 # ============================================================================================
@@ -295,7 +332,9 @@ def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> 
     def exact(record: dict[str, Any]) -> bool:
         return record["key"]["variant"] != "monai" and record["key"]["config"]["padding"] == "valid"
 
-    em_variants = {v: recs for v, recs in results["em"].items() if recs and all(exact(r) for r in recs)}
+    folds = {r["key"]["fold"] for r in results["em"].get("unet", [])}  # variants run on fewer folds do not compete
+    em_variants = {v: recs for v, recs in results["em"].items()
+                   if recs and all(exact(r) for r in recs) and {r["key"]["fold"] for r in recs} == folds}  # fmt: skip
     em_best = max(em_variants, key=lambda v: np.mean([r["plain"]["v_rand"] for r in em_variants[v]]), default=None)
     candidates = {
         "em-membranes": [(r["plain"]["v_rand"], f"em/{em_best}/fold{r['key']['fold']}", r)
@@ -352,7 +391,8 @@ def _provenance(name: str, job_name: str, record: dict, n_options: int, meta: di
             "how": "experiments/common.py: " + ("em_scores" if em else "nuclei_scores, mean over images"),
         },
         "training": {  # when and where the record was made (it may be reused by later invocations)
-            "steps": record["key"]["config"]["steps"], "seconds": record["train_seconds"], "device": record["device"],
+            "steps": record.get("steps_run", record["key"]["config"]["steps"]),
+            "minutes": record["key"]["config"].get("minutes"), "seconds": record["train_seconds"], "device": record["device"],
             **record.get("trained", {"date": "not recorded", "hardware": "not recorded"}),
             "command": meta["command"],
         },
@@ -368,10 +408,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "a few nuclei images; writes into --out unless --results/--figures are given")  # fmt: skip
     p.add_argument("--preset", choices=("fast", "paper"), default="fast", help="base recipe (default fast)")
     p.add_argument("--steps", type=int, help="training steps per model (default: the preset's)")
+    p.add_argument("--minutes", type=float, help="wall-clock budget per model instead of steps: every model, "
+                   "biounet's and the peer's, trains as many steps as fit in this many minutes on this machine")
+    p.add_argument("--select", type=float, default=0.0, metavar="FRACTION",
+                   help="hold out this fraction of each model's training images to pick its best model by the "
+                   "task's score (V_rand for EM, AP@0.5 for nuclei); the page shows best beside last")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a TrainConfig field for every model, e.g. --set precision=\"bfloat16\"")
+                   help="override a TrainConfig field for every model, e.g. --set precision=\"bfloat16\" (the "
+                   "MONAI peer's own recipe, peer_monai.PEER_RECIPE, is laid over it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--folds", default="all", help="EM folds to run: 'all' or indices like 0,1 (of 0-4)")
+    p.add_argument("--ablation-folds", help="EM folds of the ablations (default: --folds); the page compares "
+                   "each ablation with the baseline on the folds it ran on")
+    p.add_argument("--ablation-datasets", help="data sets of the ablations (default: --datasets)")
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"subset of {','.join(DATASETS)}")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--val-fraction", type=float, default=0.2, help="nuclei held out per category (default 0.2)")
@@ -389,7 +438,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.data is None or not Path(args.data).is_dir():
         p.error("no data: set BIOUNET_DATA (or --data) to the folder holding isbi2012-em/ and dsb2018-nuclei/")
-    for name, allowed in (("datasets", DATASETS), ("variants", VARIANTS)):
+    args.ablation_datasets = args.ablation_datasets or args.datasets
+    for name, allowed in (("datasets", DATASETS), ("variants", VARIANTS), ("ablation_datasets", DATASETS)):
         chosen = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
         if not chosen or set(chosen) - set(allowed):
             p.error(f"--{name} must be a comma-separated subset of {','.join(allowed)}, got {getattr(args, name)!r}")
@@ -397,12 +447,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.folds = args.steps or QUICK["steps"], QUICK["folds"] if args.folds == "all" else args.folds
         args.sets = [*QUICK["sets"], *args.sets]
-    try:
-        args.folds = list(range(N_FOLDS)) if args.folds == "all" else sorted({int(k) for k in args.folds.split(",")})
-    except ValueError:
-        p.error(f"--folds must be 'all' or comma-separated integers, got {args.folds!r}")
-    if not set(args.folds) <= set(range(N_FOLDS)):
-        p.error(f"--folds must be in 0..{N_FOLDS - 1}, got {args.folds}")
+    for name in ("folds", "ablation_folds"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:
+            value = list(range(N_FOLDS)) if value == "all" else sorted({int(k) for k in value.split(",")})
+        except ValueError:
+            p.error(f"--{name.replace('_', '-')} must be 'all' or comma-separated integers, got {value!r}")
+        if not set(value) <= set(range(N_FOLDS)):
+            p.error(f"--{name.replace('_', '-')} must be in 0..{N_FOLDS - 1}, got {value}")
+        setattr(args, name, value)
+    if args.ablation_folds is not None and not set(args.ablation_folds) <= set(args.folds):
+        p.error(f"--ablation-folds {args.ablation_folds} must be among --folds {args.folds}: the page compares "
+                "each ablation with the baseline on the same folds")
     args.out = args.out or ROOT / ("runs/reproduce-quick" if args.quick else "runs/reproduce")
     args.results = args.results or (args.out / "results.md" if args.quick else ROOT / "docs/results.md")
     args.figures = args.figures or (args.out / "images" if args.quick else ROOT / "docs/images")
@@ -456,13 +514,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     hardware = common.hardware(args.device)
     crop = QUICK["crop"] if args.quick else None
-    make_config = functools.partial(experiment_config, preset=args.preset, steps=args.steps, sets=args.sets)
+    make_config = functools.partial(experiment_config, preset=args.preset, steps=args.steps, sets=args.sets,
+                                    minutes=args.minutes)  # fmt: skip
     jobs: list[Job] = []
     if "em" in args.datasets:
-        jobs += em_jobs(args.data, args.variants, args.folds, make_config, args.out, crop)
+        variants = [v for v in args.variants if v not in ABLATIONS or "em" in args.ablation_datasets]
+        jobs += em_jobs(args.data, variants, args.folds, make_config, args.out, crop, select=args.select,
+                        ablation_folds=args.ablation_folds)  # fmt: skip
     if "nuclei" in args.datasets:
-        jobs += nuclei_jobs(args.data, args.variants, make_config, args.out, fraction=args.val_fraction,
-                            seed=args.split_seed, crop=crop)  # fmt: skip
+        variants = [v for v in args.variants if v not in ABLATIONS or "nuclei" in args.ablation_datasets]
+        jobs += nuclei_jobs(args.data, variants, make_config, args.out, fraction=args.val_fraction,
+                            seed=args.split_seed, crop=crop, select=args.select)  # fmt: skip
     jobs.sort(key=lambda j: (VARIANTS.index(j.variant), DATASETS.index(j.dataset), j.fold or 0))
     results, book = run_jobs(jobs, args, crop)
 
@@ -472,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python experiments/reproduce.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "hardware": hardware, "device": args.device, "preset": args.preset,
-        "steps": configs[args.datasets[0]].steps, "quick": args.quick, "crop": crop,
+        "steps": configs[args.datasets[0]].steps, "minutes": args.minutes, "select": args.select,
+        "quick": args.quick, "crop": crop,
         "configs": {dataset: dataclasses.asdict(config) for dataset, config in configs.items()},
         "val_fraction": args.val_fraction, "split_seed": args.split_seed, "time_limit": args.time_limit,
         "skipped": book["skipped"], "trained_now": book["trained_now"], "reused": book["reused"],

@@ -35,7 +35,7 @@ def test_help_is_instant_and_imports_no_torch():
 def test_predict_writes_outputs_equal_to_api(tmp_path, model_dir):
     image = (np.random.default_rng(0).random((70, 50)) * 4000).astype(np.uint16)
     tifffile.imwrite(tmp_path / "a.tif", image)
-    rc = main(["predict", str(model_dir), str(tmp_path / "a.tif"), "-o", str(tmp_path / "out"),
+    rc = main(["predict", str(model_dir), str(tmp_path / "a.tif"), "-o", str(tmp_path / "out"), "--precision", "float32",
                "--save", "probabilities,labels,overlay", "--no-progress", "--tile", "60"])
     assert rc == 0
     prob, axes = read_image_axes(tmp_path / "out" / "a_probabilities.tif")
@@ -98,3 +98,76 @@ def test_unwritable_output_and_bad_model_are_one_line_errors(tmp_path, model_dir
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("biounet predict: error:") for line in err)
     assert "cannot be written" in err[0] and "not a biounet model" in err[1] and "pixels" in err[2]
+
+
+def test_a_luminance_model_takes_rgb_files_and_others_refuse_them_clearly(tmp_path, capsys):
+    import dataclasses
+
+    import imageio.v3 as iio
+    from skimage.color import rgb2gray
+
+    torch.manual_seed(0)
+    model = UNet(depth=2, base_channels=4)
+    model.info = dataclasses.replace(model.info, color="luminance")
+    model.save(tmp_path / "lum")
+    UNet(depth=2, base_channels=4).save(tmp_path / "keep")
+    rgb = (np.random.default_rng(2).random((40, 50, 3)) * 255).astype(np.uint8)
+    iio.imwrite(tmp_path / "he.png", rgb)
+    tifffile.imwrite(tmp_path / "two.tif", rgb[..., :2], photometric="minisblack", planarconfig="contig",
+                     metadata={"axes": "YXC"})  # fmt: skip
+    assert main(["predict", str(tmp_path / "lum"), str(tmp_path / "he.png"), "-o", str(tmp_path / "out"),
+                 "--precision", "float32", "--no-progress"]) == 0  # fmt: skip
+    expected = predict(load_model(tmp_path / "lum"), rgb2gray(rgb).astype(np.float32), progress=False)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "he_probabilities.tif"), expected)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "keep"), str(tmp_path / "he.png"), "-o", str(tmp_path / "o2"),
+                 "--no-progress"]) == 1  # fmt: skip
+    assert 'has 3 channel(s) (axes YXC, shape (40, 50, 3)) but the model takes 1 (it was trained without colour' in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "lum"), str(tmp_path / "two.tif"), "-o", str(tmp_path / "o3"),
+                 "--no-progress"]) == 1  # fmt: skip
+    assert "it converts 3-channel (RGB) images to luminance, and no other channel count" in capsys.readouterr().err
+
+
+def test_outputs_never_overwrite_ground_truth_inputs_or_each_other(tmp_path, model_dir, capsys):
+    """Issue 13, findings 1 and 2: refused before any work, one line naming both paths."""
+    image = np.random.default_rng(0).random((30, 40)).astype(np.float32)
+    for folder in ("g", "a", "b"):
+        (tmp_path / folder).mkdir()
+    for name in ("g/x.tif", "a/x.tif", "b/x.tif", "a/y.tif"):
+        tifffile.imwrite(tmp_path / name, image)
+    truth = tmp_path / "g" / "x_labels.tif"
+    tifffile.imwrite(truth, np.ones((30, 40), np.uint16))
+    before = truth.read_bytes()
+    assert main(["predict", str(model_dir), str(tmp_path / "g/x.tif"), "-o", str(tmp_path / "g"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{truth} exists already" in err and "--overwrite" in err and err.count("\n") == 1
+    assert truth.read_bytes() == before and not (tmp_path / "g" / "x_probabilities.tif").exists()
+    # two inputs with one name: nothing is written at all
+    assert main(["predict", str(model_dir), str(tmp_path / "a/x.tif"), str(tmp_path / "b/x.tif"), str(tmp_path / "a/y.tif"),
+                 "-o", str(tmp_path / "out"), "--no-progress"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a/x.tif'} and {tmp_path / 'b/x.tif'} would both be written to {tmp_path / 'out'}" in err
+    assert list((tmp_path / "out").iterdir()) == []
+    # an output named like an input of the call is refused even with --overwrite
+    tifffile.imwrite(tmp_path / "g" / "z_labels.tif", image)
+    tifffile.imwrite(tmp_path / "g" / "z.tif", image)
+    assert main(["predict", str(model_dir), str(tmp_path / "g/z.tif"), str(tmp_path / "g/z_labels.tif"), "-o",
+                 str(tmp_path / "g"), "--overwrite", "--no-progress"]) == 1  # fmt: skip
+    assert f"would overwrite the input {tmp_path / 'g/z_labels.tif'}" in capsys.readouterr().err
+    # deliberate: --overwrite replaces an earlier result
+    assert main(["predict", str(model_dir), str(tmp_path / "g/x.tif"), "-o", str(tmp_path / "g"), "--overwrite",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert truth.read_bytes() != before
+
+
+def test_cli_precision_defaults_to_auto_resolved_by_the_device(tmp_path, model_dir, monkeypatch):
+    from biounet import tiling
+
+    image = np.random.default_rng(4).random((30, 40)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    asked = []
+    monkeypatch.setattr(tiling, "resolve_precision", lambda device: asked.append(str(device)) or "float32")
+    assert main(["predict", str(model_dir), str(tmp_path / "a.tif"), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert asked == ["cpu"]  # auto was resolved once, for the device, and the answer was used
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "a_probabilities.tif"),
+                                  predict(load_model(model_dir), image, progress=False))  # fmt: skip

@@ -167,3 +167,24 @@ def test_atomic_write_gives_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "p.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_to_luminance_is_bt709_as_scikit_image_and_lazy_for_dask(dtype):
+    import dask.array as da
+
+    from biounet.io import to_luminance
+
+    rng = np.random.default_rng(1)
+    top = 1.0 if dtype == np.float32 else np.iinfo(dtype).max
+    rgb = (rng.random((2, 3, 9, 7)) * top).astype(dtype)  # (T, C, Y, X): channels on axis 1
+    scale = 1.0 if dtype == np.float32 else float(top)
+    expected = (0.2125 * rgb[:, 0] + 0.7154 * rgb[:, 1] + 0.0721 * rgb[:, 2]) / scale  # BT.709, by hand
+    got = to_luminance(rgb, "x.tif", axis=1)
+    assert got.dtype == np.float32 and got.shape == (2, 9, 7)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    lazy = to_luminance(da.from_array(rgb, chunks=(1, 1, 5, 7)), "x.tif", axis=1)
+    assert isinstance(lazy, da.Array)
+    np.testing.assert_array_equal(lazy.compute(), got)
+    with pytest.raises(ValueError, match=r"x.tif: luminance needs 3 \(RGB\) channels on axis 1, got shape \(2, 2, 9, 7\)"):
+        to_luminance(rgb[:, :2], "x.tif", axis=1)

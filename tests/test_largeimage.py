@@ -216,7 +216,7 @@ def test_cli_streams_zarr_inputs_into_ome_zarr(tmp_path, model_dir, layout):
         fmt = 3 if layout == "v3-array" else 2
         zarr.create_array(str(src), shape=image.shape, chunks=(32, 32), dtype=image.dtype, zarr_format=fmt)[:] = image
     assert main(["predict", str(model_dir), str(src), "-o", str(tmp_path / "out"), "--no-progress",
-                 "--chunk", "40"]) == 0  # fmt: skip
+                 "--chunk", "40", "--precision", "float32"]) == 0  # fmt: skip
     fmt = 3 if layout == "v3-array" else 2
     prob = check_ngff(tmp_path / "out" / "in_probabilities.ome.zarr", "cyx", fmt)
     reference = predict(load_model(model_dir), image, progress=False)
@@ -237,7 +237,7 @@ def test_large_tiff_is_read_lazily_and_streamed(tmp_path, model_dir, monkeypatch
     monkeypatch.setattr(inference, "STREAM_ABOVE_PIXELS", 1000)
     monkeypatch.setattr(inference, "read_image_axes", lambda path: pytest.fail("the TIFF was loaded whole"))
     assert main(["predict", str(model_dir), str(tmp_path / "big.tif"), "-o", str(tmp_path / "o"),
-                 "--no-progress"]) == 0  # fmt: skip
+                 "--precision", "float32", "--no-progress"]) == 0  # fmt: skip
     prob = check_ngff(tmp_path / "o" / "big_probabilities.ome.zarr", "czyx", 2)
     reference = predict(load_model(model_dir), stack, progress=False)  # (Z, C, Y, X)
     np.testing.assert_allclose(prob, reference.transpose(1, 0, 2, 3), atol=1e-5)
@@ -289,7 +289,8 @@ def test_scheduler_runs_the_job_on_a_local_cluster(tmp_path, model_dir):
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
     ) as cluster:
         assert main(["predict", str(model_dir), str(tmp_path / "c.zarr"), "-o", str(tmp_path / "o"),
-                     "--no-progress", "--chunk", "32", "--scheduler", cluster.scheduler_address]) == 0  # fmt: skip
+                     "--no-progress", "--chunk", "32", "--scheduler", cluster.scheduler_address,
+                     "--precision", "float32"]) == 0  # fmt: skip
     prob = check_ngff(tmp_path / "o" / "c_probabilities.ome.zarr", "cyx", 3)
     reference = predict(load_model(model_dir), image, progress=False)
     np.testing.assert_allclose(prob, reference, atol=1e-5)

@@ -199,3 +199,26 @@ def test_public_api_names_resolve_and_do_not_shadow_modules():
     for name in biounet.__all__:
         assert getattr(biounet, name) is not None, name
         assert importlib.util.find_spec(f"biounet.{name}") is None, f"{name} is also a submodule"
+
+
+def test_broken_weight_files_are_one_clear_error(tmp_path):
+    """Issue 13, findings 3 and 5: a NaN weight, a truncated or foreign weights file."""
+    import torch
+
+    from biounet import UNet, load_model
+
+    model = UNet(depth=2, base_channels=4)
+    first = next(n for n, p in model.named_parameters())
+    with torch.no_grad():
+        dict(model.named_parameters())[first].view(-1)[0] = float("nan")
+    model.save(tmp_path / "nan")
+    with pytest.raises(ValueError, match=rf"weights.safetensors: weights hold NaN or infinite values \({first}"):
+        load_model(tmp_path / "nan")
+    UNet(depth=2, base_channels=4).save(tmp_path / "cut")
+    weights = tmp_path / "cut" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="weights.safetensors: not a readable safetensors file"):
+        load_model(tmp_path / "cut")
+    torch.save({"x": torch.zeros(2)}, weights)  # a pickle under the safetensors name
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_model(tmp_path / "cut")

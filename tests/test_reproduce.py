@@ -164,7 +164,9 @@ def test_each_ablation_changes_exactly_one_field(dataset, variant):
     base = dataclasses.asdict(reproduce.experiment_config(dataset, "unet", "fast", 50, []))
     ablated = dataclasses.asdict(reproduce.experiment_config(dataset, variant, "fast", 50, []))
     changed = {k for k in base if base[k] != ablated[k]}
-    assert changed == {{"no-elastic": "elastic_std", "no-border": "w0", "same-padding": "padding"}[variant]}
+    assert changed == {"no-elastic": {"elastic_std"}, "no-border": {"w0"}, "same-padding": {"padding"},
+                       "float32": {"precision", "channels_last"},
+                       "previous-recipe": {"depth", "tile", "batch_size"}}[variant]
     assert base["steps"] == 50 and base["base_channels"] == 16
 
 
@@ -233,13 +235,14 @@ def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
     pytest.importorskip("monai", reason="the MONAI peer needs monai (pip install 'biounet[bench]')")
     page, figures = tmp_path / "results.md", tmp_path / "images"
     command = [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--quick", "--out", str(tmp_path / "run"),
-               "--results", str(page), "--figures", str(figures), "--threads", "2"]  # fmt: skip
+               "--results", str(page), "--figures", str(figures), "--threads", "2", "--select", "0.2"]  # fmt: skip
     env = {**os.environ, "BIOUNET_DATA": str(data_dir)}
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     text = page.read_text()
     for heading in ("## How these numbers were made", "### What ran", "## ISBI 2012 EM: cross-validation",
-                    "## Touching nuclei", "## Ablations", "## Same-budget peer: MONAI BasicUNet"):  # fmt: skip
+                    "## Touching nuclei", "## Ablations", "## Same-budget peer: MONAI BasicUNet",
+                    "## Model selection: best against last"):  # fmt: skip
         assert heading in text, heading
     assert "Smoke run (`--quick`)" in text and "python experiments/reproduce.py --quick" in text
     assert "| biounet U-Net + TTA |" in text and "| MONAI BasicUNet (peer) |" in text
@@ -260,3 +263,8 @@ def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
     assert "| " + " | ".join(page_module.em_row("biounet U-Net", results["em"]["unet"], "plain")) + " |" in text
     assert "| " + " | ".join(page_module.nuclei_row("biounet U-Net", results["nuclei"]["unet"]["plain"])) + " |" in text
     assert "trained" in results["em"]["unet"][0] and "date" in results["em"]["unet"][0]["trained"]
+    # --select: 4 of the 20 training slices validate the best model (by V_rand); the peer trains on the same 16
+    em = results["em"]["unet"][0]
+    assert len(em["key"]["val"]) == 4 and len(em["key"]["train"]) == 16 and set(em["best"]) == set(common.EM_METRICS)
+    assert results["em"]["monai"][0]["key"]["train"] == em["key"]["train"] and results["em"]["monai"][0]["key"]["val"] == []
+    assert em["best_step"] == 2 and results["nuclei"]["unet"]["best_step"] == 2

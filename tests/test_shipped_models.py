@@ -85,3 +85,20 @@ def test_shipped_model_reproduces_recorded_scores(name, data_dir):
     recorded = evaluation["scores"]
     for metric, value in got.items():
         assert abs(value - recorded[metric]) <= TOLERANCE[metric], (metric, value, recorded[metric])
+
+
+def test_shipped_nuclei_model_takes_rgb_images(tmp_path):
+    """It was trained on the luminance of the DSB images (many are RGB) and converts RGB inputs the same way."""
+    import imageio.v3 as iio
+    from skimage.color import rgb2gray
+
+    model = load_model("nuclei")
+    assert model.info.color == "luminance" and model.config.in_channels == 1
+    rgb = (np.random.default_rng(3).random((96, 100, 3)) * 255).astype(np.uint8)
+    iio.imwrite(tmp_path / "he.png", rgb)
+    iio.imwrite(tmp_path / "he-jpeg.jpg", rgb)
+    rc = main(["predict", "--model", "nuclei", str(tmp_path / "he.png"), str(tmp_path / "he-jpeg.jpg"), "-o",
+               str(tmp_path / "out"), "--precision", "float32", "--no-progress"])  # fmt: skip
+    assert rc == 0 and (tmp_path / "out" / "he-jpeg_labels.tif").is_file()
+    prob = tifffile.imread(tmp_path / "out" / "he_probabilities.tif")
+    np.testing.assert_array_equal(prob, biounet.predict(model, rgb2gray(rgb).astype(np.float32), progress=False))

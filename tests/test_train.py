@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -96,8 +98,10 @@ def test_auto_tile_is_resolved_and_recorded(tmp_path):
     expected = _smallest_valid_input_covering(model.config, 40)
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["tile"] == expected
     assert model.info.provenance["recipe"]["tile"] == expected
-    with pytest.raises(ValueError, match="tile must be a positive integer"):
+    with pytest.raises(ValueError, match="training option tile must be an integer or one of 'auto', got 'big'"):
         TrainConfig.preset("fast", tile="big")
+    with pytest.raises(ValueError, match="tile must be a positive integer"):
+        TrainConfig.preset("fast", tile=0)
     assert model.info.postprocess == {"split": "distance", "min_size": 0}  # the fast preset's
 
 
@@ -106,7 +110,7 @@ def test_min_size_is_stored_as_post_processing_and_validated():
     assert cfg.postprocess == {"split": "distance", "min_size": 12}
     with pytest.raises(ValueError, match="min_size must be an integer >= 0"):
         TrainConfig.preset("fast", min_size=-1)
-    with pytest.raises(ValueError, match="split must be 'none', 'distance' or 'probability', got 'watershed'"):
+    with pytest.raises(ValueError, match="split must be one of 'none', 'distance', 'probability', got 'watershed'"):
         TrainConfig.preset("fast").updated(["split=watershed"])
 
 
@@ -308,3 +312,133 @@ def test_resume_gives_each_rank_its_own_random_streams():
     generator = torch.Generator().manual_seed(99)
     _restore_rng_states(state, generator, 0, world=3)  # another world size: the seed's fresh stream stays
     assert torch.equal(generator.get_state(), torch.Generator().manual_seed(99).get_state())
+
+
+# ------------------------------------------------------------------------------------------
+# CPU speed and selection (issue 11): precision, time budgets, best model by the task's score
+# ------------------------------------------------------------------------------------------
+def test_auto_precision_is_bfloat16_only_where_native(monkeypatch, caplog):
+    from biounet import tiling as training
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert training.resolve_precision("cpu") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    with caplog.at_level("INFO", logger="biounet.tiling"):
+        assert training.resolve_precision("cpu") == "float32"
+    assert "no native bfloat16, training in float32" in caplog.text
+    assert training.resolve_precision("meta") == "float32"
+
+
+def test_new_config_fields_are_validated():
+    fast = TrainConfig.preset("fast")
+    assert (fast.precision, fast.channels_last, fast.minutes, fast.best_by, fast.color) == ("auto", True, None, "ap", "keep")
+    for assignment, match in [("minutes=0", "minutes must be a positive"), ("minutes=inf", "minutes must be"),
+                              ('minutes="ten"', "minutes must be"), ('best_by="loss"', "best_by must be"),
+                              ('color="rgb"', "color must be"), ('precision="half"', "precision must be")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            fast.updated([assignment])
+
+
+def test_plan_steps_formula():
+    from biounet.train import plan_steps
+
+    # 600 s budget, 10 s gone, 30 steps done, 0.1 s a step, 2 s a validation every 100 steps:
+    # (600 - 10 - 2) / (0.1 + 0.02) = 4900 more steps
+    assert plan_steps(600, 10, 30, 0.1, 2.0, 100) == 30 + 4900
+    assert plan_steps(600, 10, 30, 0.1, 0.0, 100) == 30 + 5900
+    assert plan_steps(5, 10, 30, 0.1, 0.0, 100) == 30  # the budget is spent already: stop where it is
+    with pytest.raises(ValueError, match="budget > 0"):
+        plan_steps(0, 0, 0, 0.1, 0, 1)
+
+
+def _tiny_samples(n: int = 3, shape=(48, 48)):
+    return [make_sample(im, lab, name=str(i)) for i, (im, lab) in enumerate(synthetic_cells(n, shape, seed=4))]
+
+
+def test_time_budget_fixes_and_records_the_steps_and_resume_keeps_them(tmp_path, monkeypatch):
+    from biounet import train as training
+
+    def fake_clock(tick: float):  # every reading of the clock is `tick` s later: an exact, fake machine
+        ticks = itertools.count(0.0, tick)
+        monkeypatch.setattr(training.time, "perf_counter", lambda: next(ticks))
+
+    samples = _tiny_samples()
+    config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, minutes=5.0,
+                                checkpoint_every=10, val_every=1000, deterministic=True)  # fmt: skip
+    fake_clock(0.5)
+    statuses = list(train_steps(samples, tmp_path / "whole", config))
+    saved = json.loads((tmp_path / "whole" / "train_config.json").read_text())
+    planned = statuses[-1].steps
+    assert saved["steps"] == planned == statuses[-1].step == len(statuses) and saved["minutes"] == 5.0
+    assert training.BUDGET_PROBE_STEPS + 10 < planned < 1000
+    assert all(s.steps == planned for s in statuses[training.BUDGET_PROBE_STEPS - 1 :])
+    # the same run stopped after a checkpoint past the probe, resumed on a machine 50x faster,
+    # keeps its planned steps and ends with the same weights
+    fake_clock(0.5)
+    for status in train_steps(samples, tmp_path / "cut", config):
+        if status.step == training.BUDGET_PROBE_STEPS + 10:
+            break
+    fake_clock(0.01)
+    resumed = list(train_steps(samples, tmp_path / "cut", config, resume=True))
+    assert resumed[0].step == training.BUDGET_PROBE_STEPS + 11 and resumed[-1].step == planned
+    for (name, a), b in zip(_weights(tmp_path / "whole").items(), _weights(tmp_path / "cut").values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_best_model_is_chosen_by_the_configured_score(tmp_path):
+    from biounet.logs import CsvLog
+    from biounet.model import load_model
+
+    samples = _tiny_samples(4)
+    for best_by in ("v_rand", "iou"):
+        config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=6, val_every=2,
+                                    best_by=best_by, deterministic=True)  # fmt: skip
+        train(samples[:3], tmp_path / best_by, config, val_samples=samples[3:], progress=False)
+        rows = [r for r in CsvLog.read(tmp_path / best_by / "log.csv") if r.get(f"val_{best_by}") not in (None, "")]
+        assert [int(r["step"]) for r in rows] == [2, 4, 6]
+        scores = [float(r[f"val_{best_by}"]) for r in rows]
+        best = load_model(tmp_path / best_by / "best").info.provenance["best"]
+        assert best["by"] == best_by and best["value"] == pytest.approx(max(scores), rel=1e-5)  # the log has 6 digits
+        assert best["step"] == int(rows[int(np.argmax(scores))]["step"])
+        assert "best" not in load_model(tmp_path / best_by / "last").info.provenance
+
+
+def test_luminance_recipe_trains_on_rgb_and_the_model_converts_rgb(tmp_path):
+    from skimage.color import rgb2gray
+
+    from biounet import predict
+
+    gray = _tiny_samples(2)
+    rgb = [make_sample(np.stack([s.image, s.image // 2, s.image // 3], axis=-1), s.labels, name=s.name) for s in gray]
+    config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=2, color="luminance")
+    model = train(rgb, tmp_path / "run", config, progress=False)
+    assert model.config.in_channels == 1 and model.info.color == "luminance"
+    image = rgb[0].image
+    np.testing.assert_array_equal(predict(model, image, channel_axis=-1, progress=False),
+                                  predict(model, rgb2gray(image).astype(np.float32), progress=False))  # fmt: skip
+    with pytest.raises(ValueError, match="takes 3 channels"):  # a kept-colour recipe has 3 input channels
+        predict(train(rgb, tmp_path / "keep", dataclasses.replace(config, color="keep"), progress=False), image[..., 0],
+                channel_axis=None, progress=False)  # fmt: skip
+
+
+def test_resume_with_another_recipe_is_refused_and_the_run_stays_resumable(tmp_path):
+    """Issue 13, finding 4: --resume --set optimizer="sgd" on an AdamW run used to rewrite the config, then crash."""
+    samples = _tiny_samples()
+    config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=4, checkpoint_every=2)
+    train(samples, tmp_path / "run", config, progress=False)
+    saved = (tmp_path / "run" / "train_config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"cannot resume with a changed recipe \(optimizer 'adamw' -> 'sgd'\); only "
+                                         r"steps, val_every, checkpoint_every may change"):  # fmt: skip
+        train(samples, tmp_path / "run", dataclasses.replace(config, optimizer="sgd"), resume=True, progress=False)
+    assert (tmp_path / "run" / "train_config.json").read_bytes() == saved
+    # a run folder of an older version (no best_by, color, minutes) resumes too
+    legacy = json.loads(saved)
+    for key in ("best_by", "color", "minutes"):
+        del legacy[key]
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps(legacy))
+    statuses = list(train_steps(samples, tmp_path / "run", dataclasses.replace(config, steps=6), resume=True))
+    assert [s.step for s in statuses] == [5, 6]
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"\x80\x04not a checkpoint")
+    with pytest.raises(ValueError, match=r"checkpoint.pt: not a checkpoint of this run"):
+        train(samples, tmp_path / "run", dataclasses.replace(config, steps=8), resume=True, progress=False)

@@ -37,7 +37,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, help="largest input tile per axis in px (default 700 for 2D models)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default cpu)")
-    p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="auto (default): bfloat16 where the CPU or GPU computes it natively (about 2x faster on such "
+                   "CPUs, the same segmentation: docs/benchmarks.md), else float32")
     p.add_argument(
         "--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
         help="run the network through torch.compile (MODE default; reduce-overhead adds CUDA graphs); "
@@ -57,6 +59,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--save", default="probabilities,labels", help=f"comma-separated outputs among {','.join(PREDICT_OUTPUTS)}"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already (never an input, "
+                   "and never the output of another input of the same call)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_cmd_predict)
 
@@ -96,6 +100,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         progress=not args.no_progress,
         debug=args.debug,
+        overwrite=args.overwrite,
     )
     return 0 if not report.failed else 1
 
@@ -287,7 +292,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     val.add_argument("--val", metavar="DATA", help="validation data set folder")
     val.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of the images")
     p.add_argument("--layout", choices=("auto", "folders", "isbi", "ctc"), default="auto")
-    p.add_argument("--gray", action="store_true", help="convert colour images to gray")
+    p.add_argument("--gray", action="store_true", help="train on the luminance of colour images; the model "
+                   "converts colour images the same way when it predicts (same as --set color=\"luminance\")")
+    p.add_argument("--minutes", type=float, help="time budget: train as many steps as fit in this many minutes "
+                   "(timed on the first steps, then fixed and recorded)")
     p.add_argument("--steps", type=int, help="number of training steps")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
@@ -306,7 +314,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.output)
     saved = run_dir / "train_config.json"
     if args.resume and saved.is_file():
-        config = TrainConfig.from_dict(json.loads(saved.read_text()))
+        try:
+            config = TrainConfig.from_dict(json.loads(saved.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"{saved}: cannot read the run's configuration: {exc}") from exc
+        if config.minutes is not None and args.steps is not None:
+            raise ValueError(f"{run_dir}: this run has a time budget of {config.minutes:g} min and keeps the "
+                             f"{config.steps} steps planned for it; --steps cannot change them")  # fmt: skip
     else:
         config = TrainConfig.preset(args.preset)
         if args.config:
@@ -314,10 +328,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     overrides += [f"steps={args.steps}"] if args.steps is not None else []
     overrides += [f"seed={args.seed}"] if args.seed is not None else []
+    overrides += [f"minutes={args.minutes}"] if args.minutes is not None else []
+    overrides += ['color="luminance"'] if args.gray else []
     config = config.updated(overrides)
-    samples = load_dataset(args.data, args.layout, as_gray=args.gray, progress=not args.no_progress)
+    gray = config.color == "luminance"
+    samples = load_dataset(args.data, args.layout, as_gray=gray, progress=not args.no_progress)
     if args.val:
-        val_samples = load_dataset(args.val, args.layout, as_gray=args.gray)
+        val_samples = load_dataset(args.val, args.layout, as_gray=gray)
     else:
         samples, val_samples = split_samples(samples, args.val_fraction, seed=config.seed)
     log.info("training on %d image(s), validating on %d; %s", len(samples), len(val_samples), run_dir)

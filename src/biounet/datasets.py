@@ -55,12 +55,11 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 from scipy import ndimage as ndi
-from skimage.color import rgb2gray
 from skimage.measure import label as label_components
 from skimage.segmentation import relabel_sequential
 from tqdm.auto import tqdm
 
-from biounet.io import image_files, normalize_percentile, read_image
+from biounet.io import image_files, normalize_percentile, read_image, to_luminance
 from biounet.tiling import mirror_indices
 from biounet.weights import binary_to_instances, weight_map
 
@@ -278,7 +277,7 @@ def load_dataset(
     sequences : sequence of str, optional
         CTC sequences to read (default all, e.g. ``("01", "02")``); only for ``"ctc"``.
     as_gray : bool
-        Turn colour images into luminance (:func:`skimage.color.rgb2gray`, float in [0, 1]).
+        Turn colour images into luminance (:func:`biounet.io.to_luminance`, float in [0, 1]).
     progress : bool
         Show a progress bar.
 
@@ -479,7 +478,7 @@ def read_sample(
     """One annotated image from its two files (``as_gray``: colour images as luminance)."""
     image = read_image(image_path)
     if as_gray and image.ndim == 3:
-        image = rgb2gray(image).astype(np.float32)
+        image = to_luminance(image, image_path)
     labels = read_image(label_path)
     return make_sample(
         image, labels, name=name, label_format=label_format, image_path=image_path, label_path=label_path

@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,7 +51,8 @@ class PredictReport:
 def channel_axis_of(axes: str, shape: tuple[int, ...], model: UNet, channel_axis: int | None) -> int | None:
     """The axis that holds channels: ``channel_axis`` if given, else the file's ``C``/``S`` axis.
 
-    Raises a :class:`ValueError` if the channel count does not match the model.
+    Raises a :class:`ValueError` if the channel count does not match the model, unless the
+    model converts RGB images to luminance (``model.info.color``) and the image is RGB.
     """
     if channel_axis is None:
         found = [i for i, a in enumerate(axes) if a in CHANNEL_LETTERS]
@@ -60,9 +61,17 @@ def channel_axis_of(axes: str, shape: tuple[int, ...], model: UNet, channel_axis
         raise ValueError(f"channel axis {channel_axis} is out of range for shape {shape}")
     n_channels = 1 if channel_axis is None else shape[channel_axis]
     expected = model.config.in_channels
-    if n_channels != expected:
-        raise ValueError(f"has {n_channels} channel(s) (axes {axes}, shape {shape}) but the model takes {expected}")
+    if n_channels != expected and not _converts_to_luminance(model, n_channels):
+        if model.info.color == "luminance":
+            how = "; it converts 3-channel (RGB) images to luminance, and no other channel count"
+        else:
+            how = " (it was trained without colour conversion: its config.json has no \"color\": \"luminance\")"
+        raise ValueError(f"has {n_channels} channel(s) (axes {axes}, shape {shape}) but the model takes {expected}{how}")
     return channel_axis
+
+
+def _converts_to_luminance(model: UNet, n_channels: int) -> bool:
+    return model.info.color == "luminance" and model.config.in_channels == 1 and n_channels == 3
 
 
 def is_zarr(path: str | Path) -> bool:
@@ -77,9 +86,16 @@ def model_items_of(
     """Arrange a file's pixels as (items, channels, *spatial) for ``model``.
 
     Returns the items, the shape of the stack axes (empty for a single image) and their
-    letters. Works on numpy and dask arrays alike (a dask array stays lazy).
+    letters. Works on numpy and dask arrays alike (a dask array stays lazy). An RGB image
+    for a model that takes the luminance (``model.info.color``) is converted here.
     """
     channel_axis = channel_axis_of(axes, image.shape, model, channel_axis)
+    if channel_axis is not None and _converts_to_luminance(model, image.shape[channel_axis]):
+        from biounet.io import to_luminance
+
+        image = to_luminance(image, "image", axis=channel_axis)
+        axes = axes[: channel_axis % len(axes)] + axes[channel_axis % len(axes) + 1 :]
+        channel_axis = None
     spatial_dims = model.config.dims
     if channel_axis is None:
         image = np.expand_dims(image, -1 - spatial_dims)  # a channel axis of length 1
@@ -114,7 +130,7 @@ def predict_files(
     tile: int | None = None,
     batch_size: int = 4,
     device: str = "cpu",
-    precision: Precision = "float32",
+    precision: Precision | Literal["auto"] = "float32",
     compile: bool | CompileMode = False,
     tta: bool = False,
     channel_axis: int | None = None,
@@ -122,6 +138,7 @@ def predict_files(
     scheduler: str | None = None,
     progress: bool = True,
     debug: bool = False,
+    overwrite: bool = False,
 ) -> PredictReport:
     """Segment each file in ``inputs`` and write ``<stem>_probabilities.tif`` etc. to ``output``.
 
@@ -142,6 +159,8 @@ def predict_files(
         and no overlay.
     tile, batch_size, device, precision, compile, tta, channel_axis, progress
         See :func:`biounet.predict`. ``tta`` is not available for streamed inputs.
+        ``precision="auto"`` (the CLI's default) is bfloat16 where the device computes it
+        natively (:func:`biounet.tiling.resolve_precision`), else float32.
     chunk : int, optional
         Stream every input with output chunks of this many pixels per axis.
     scheduler : str, optional
@@ -149,14 +168,26 @@ def predict_files(
         every input on that cluster. Its workers must see the input and output paths.
     debug : bool
         Log the traceback of each failure.
+    overwrite : bool
+        Replace output files that exist already. Without it an existing file under an
+        output name (an earlier result, or ground truth such as ``x_labels.tif`` beside
+        ``x.tif``) is refused before any work. Never overwritten, whatever ``overwrite``
+        says: an input of the call, or the output of another input of the same call (two
+        inputs ``a/x.tif`` and ``b/x.tif`` would both write ``x_labels.tif``); see
+        :func:`plan_outputs`.
     """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     compile = check_compile(compile)
+    if precision == "auto":  # bfloat16 where native: the same segmentation, about 2x faster on such CPUs
+        from biounet.tiling import resolve_precision
+
+        precision = resolve_precision(device)
     if not isinstance(model, UNet):
         model = load_model(model, device=device)
     output = ensure_writable_folder(output)
+    plan_outputs(inputs, output, save, stream=chunk is not None or scheduler is not None, overwrite=overwrite)
 
     report = PredictReport()
     with contextlib.ExitStack() as stack:
@@ -201,6 +232,44 @@ def _dask_client(address: str) -> Iterator[object]:
         yield client
 
 
+def output_stem(path: Path) -> str:
+    """The name an input's outputs start with: the file name without its suffix (``.ome.zarr`` counts as one)."""
+    return path.name.removesuffix(".zarr").removesuffix(".ome") if is_zarr(path) else path.stem
+
+
+def plan_outputs(
+    inputs: Sequence[Path], output: Path, save: Sequence[str], *, stream: bool = False, overwrite: bool = False
+) -> dict[Path, list[Path]]:
+    """The files :func:`predict_files` will write for each input; refuse any that would destroy data.
+
+    Checked before any work, so that nothing is written when one name is wrong. Raises a
+    :class:`ValueError` naming both paths when an output would be an input of the call, when
+    two inputs would write the same output, or (unless ``overwrite``) when an output exists.
+    """
+    planned: dict[Path, list[Path]] = {}
+    owner: dict[Path, Path] = {}
+    sources = {Path(p).resolve(): Path(p) for p in inputs}
+    for path in map(Path, inputs):
+        streamed = stream or is_zarr(path) or _is_large_tiff(path)
+        stem, suffix = output_stem(path), ".ome.zarr" if streamed else ".tif"
+        names = [f"{stem}_{kind}{suffix}" for kind in ("probabilities", "labels") if kind in save]
+        names += [f"{stem}_overlay.png"] if "overlay" in save and not streamed else []
+        planned[path] = [output / name for name in names]
+        for target in planned[path]:
+            resolved = target.resolve()
+            if resolved in sources:
+                raise ValueError(f"{target} would overwrite the input {sources[resolved]}; choose another output folder")
+            if resolved in owner:
+                raise ValueError(f"{owner[resolved]} and {path} would both be written to {target}: rename one of "
+                                 "them, or segment them into separate output folders")  # fmt: skip
+            owner[resolved] = path
+            if target.exists() and not overwrite:
+                raise ValueError(f"{target} exists already (ground truth, or an earlier result?) and {path} would "
+                                 "overwrite it; choose another output folder, or pass --overwrite "
+                                 "(overwrite=True) to replace it")  # fmt: skip
+    return planned
+
+
 def _is_large_tiff(path: Path) -> bool:
     if path.suffix.lower() not in (".tif", ".tiff"):
         return False
@@ -225,7 +294,7 @@ def _predict_one(
     prob = predict(model, items if stack_shape else items[0], channel_axis=1 if stack_shape else 0, **kwargs)
     prob = prob.reshape(*stack_shape, *prob.shape[-1 - spatial_dims :])
     written = []
-    stem = path.stem
+    stem = output_stem(path)
     if "probabilities" in save:
         plane_axes = "CYX" if spatial_dims == 2 else "CZYX"
         prob_axes = ("Z" if len(stack_shape) == 1 else "Q" * len(stack_shape)) + plane_axes
@@ -262,7 +331,7 @@ def _predict_streamed(
         raise ValueError(f"{path}: streamed prediction takes at most one stack axis; the image has axes {source.axes}")
     if "overlay" in save:
         log.warning("%s: overlay skipped (not made for streamed images)", path)
-    stem = path.name.removesuffix(".zarr").removesuffix(".ome") if is_zarr(path) else path.stem
+    stem = output_stem(path)
     written = largeimage.predict_to_zarr(
         model, items, output, stem, stack_axis=stack_axes or None, save=[s for s in save if s != "overlay"],
         zarr_format=source.zarr_format or 2, scale=source.scale, **kwargs,

@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -211,6 +212,33 @@ def _read_picture(path: Path) -> tuple[np.ndarray, str]:
     if image.ndim == 3 and image.shape[-1] == 3 and _is_gray(image):
         image = image[..., 0]
     return image, "YX" if image.ndim == 2 else "YXC"
+
+
+def to_luminance(image: Any, where: object = "image", *, axis: int = -1) -> Any:
+    """Luminance of an RGB image: ``Y = 0.2125 R + 0.7154 G + 0.0721 B``, float32.
+
+    The conversion of :func:`skimage.color.rgb2gray` (ITU-R BT.709 weights, integer images
+    scaled to [0, 1] by their dtype's range first), so that a model trained on the luminance
+    of colour images (``as_gray=True``) sees the same numbers at prediction. ``image`` may be
+    a numpy or a dask array (converted block by block, lazily); ``axis`` holds the 3
+    channels and is removed.
+
+    Raises
+    ------
+    ValueError
+        If ``axis`` does not hold exactly 3 channels; the message names ``where``.
+    """
+    from skimage.color import rgb2gray
+
+    if not -image.ndim <= axis < image.ndim or image.shape[axis] != 3:
+        shape = tuple(image.shape)
+        raise ValueError(f"{where}: luminance needs 3 (RGB) channels on axis {axis}, got shape {shape}")
+    axis %= image.ndim
+    if isinstance(image, np.ndarray):
+        return rgb2gray(image, channel_axis=axis).astype(np.float32)
+    rechunked = image.rechunk({axis: -1})  # dask: the three channels in one block
+    return rechunked.map_blocks(lambda block: rgb2gray(block, channel_axis=axis).astype(np.float32),
+                                drop_axis=axis, dtype=np.float32)  # fmt: skip
 
 
 def _is_gray(rgb: np.ndarray) -> bool:

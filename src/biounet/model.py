@@ -178,6 +178,10 @@ class UNetConfig:
         return cls(**data)
 
 
+#: The colour conversions a model can ask for (:attr:`ModelInfo.color`).
+COLOR_CONVERSIONS = ("keep", "luminance")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What travels with the weights besides the architecture.
@@ -194,18 +198,29 @@ class ModelInfo:
         this model's probabilities into instances (e.g. ``{"split": "distance"}``).
     provenance : dict
         Free-form facts: data set, recipe, scores, biounet version, date.
+    color : {"keep", "luminance"}
+        What is done to a colour image before normalisation: ``"keep"`` feeds its channels
+        as they are (the network's ``in_channels`` must match), ``"luminance"`` turns an RGB
+        image into its luminance (:func:`biounet.io.to_luminance`), the conversion the model
+        was trained with; gray images pass unchanged.
     """
 
     normalization: tuple[float, float] | None = (1.0, 99.8)
     class_names: tuple[str, ...] = ("background", "cell")
     postprocess: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    color: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.color not in COLOR_CONVERSIONS:
+            raise ValueError(f"color must be one of {', '.join(COLOR_CONVERSIONS)}, got {self.color!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "normalization": list(self.normalization) if self.normalization else None,
             "class_names": list(self.class_names),
             "postprocess": dict(self.postprocess),
+            "color": self.color,
             "provenance": dict(self.provenance),
         }
 
@@ -217,6 +232,7 @@ class ModelInfo:
             class_names=tuple(data.get("class_names", ("background", "cell"))),
             postprocess=dict(data.get("postprocess", {})),
             provenance=dict(data.get("provenance", {})),
+            color=data.get("color", "keep"),
         )
 
 
@@ -417,11 +433,18 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> UNet:
         document = json.loads(config_path.read_text())
         config = UNetConfig.from_dict(document["architecture"])
         info = ModelInfo.from_dict(document)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{config_path}: invalid model config: {exc}") from exc
-    model = UNet(**config.to_dict(), info=info)
     try:
         state = load_file(str(weights_path), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError for truncated or foreign files
+        raise ValueError(f"{weights_path}: not a readable safetensors file: {exc}") from exc
+    broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise ValueError(f"{weights_path}: weights hold NaN or infinite values ({', '.join(broken[:3])}): the model "
+                         "is broken; retrain it or use an earlier one")  # fmt: skip
+    model = UNet(**config.to_dict(), info=info)
+    try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, OSError) as exc:
         raise ValueError(f"{weights_path}: weights do not match {config_path}: {exc}") from exc

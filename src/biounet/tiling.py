@@ -37,7 +37,7 @@ from biounet.model import UNet, UNetConfig
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["float32", "bfloat16", "float16"]
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
 #: ``torch.compile`` modes: ``"reduce-overhead"`` replays the forward pass as a CUDA graph
 #: (one per tile shape and batch size), ``"max-autotune"`` also searches kernel variants.
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
@@ -334,6 +334,27 @@ class Progress:
     result: np.ndarray | None = None
 
 
+def resolve_precision(device: str | torch.device) -> Literal["float32", "bfloat16"]:
+    """``"bfloat16"`` where ``device`` computes it natively, else ``"float32"`` (with a log line).
+
+    Native: a CPU with AVX512-BF16 or AMX tiles (oneDNN's bfloat16 convolutions run about
+    twice float32 there; measured in ``benchmarks/train.py`` and
+    ``benchmarks/precision.py``), or a CUDA GPU of compute
+    capability 8.0 or more (Ampere and later). Elsewhere bfloat16 is emulated and slower.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    elif device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    else:
+        native = False
+    if not native:
+        log.info("precision auto: %s has no native bfloat16, training in float32", device)
+    return "bfloat16" if native else "float32"
+
+
 def _autocast(device: torch.device, precision: Precision):
     if precision == "float32":
         return torch.autocast(device.type, enabled=False)
@@ -412,9 +433,17 @@ def predict_steps(
     config = model.config
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if precision not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"precision must be 'float32', 'bfloat16' or 'float16', got {precision!r}")
+    if precision not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"precision must be 'auto', 'float32', 'bfloat16' or 'float16', got {precision!r}")
+    if precision == "auto":
+        precision = resolve_precision(device if device is not None else next(model.parameters()).device)
     compile = check_compile(compile)
+    shape = np.shape(image)
+    if channel_axis is not None and model.info.color == "luminance" and config.in_channels == 1:
+        if -len(shape) <= channel_axis < len(shape) and shape[channel_axis] == 3:  # as the model was trained
+            from biounet.io import to_luminance
+
+            image, channel_axis = to_luminance(np.asarray(image), "image", axis=channel_axis), None
     items, stacked = as_model_input(image, config, channel_axis)
     spans = _check_context(context, config.dims)
     if tta and config.dims != 2:
@@ -595,8 +624,11 @@ def predict(
         Where to compute (default: where the model's weights are).
     tta : bool
         Average the predictions of the 8 flips and 90-degree rotations (2D models).
-    precision : {"float32", "bfloat16", "float16"}
-        Autocast precision of the forward pass; the softmax is float32. bfloat16
+    precision : {"float32", "auto", "bfloat16", "float16"}
+        Autocast precision of the forward pass; the softmax is float32. ``"auto"`` is
+        bfloat16 where the device computes it natively (:func:`resolve_precision`), else
+        float32; float32, the default, is the precision in which tiled prediction equals
+        whole-image prediction. bfloat16
         probabilities stay within 0.05 of float32 (max abs difference) and 0.005 on
         average, as the tests check on the CPU on random networks of depth 2 to 4.
     intensity_range : array_like, optional
