@@ -442,3 +442,19 @@ def test_resume_with_another_recipe_is_refused_and_the_run_stays_resumable(tmp_p
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"\x80\x04not a checkpoint")
     with pytest.raises(ValueError, match=r"checkpoint.pt: not a checkpoint of this run"):
         train(samples, tmp_path / "run", dataclasses.replace(config, steps=8), resume=True, progress=False)
+
+
+def test_cli_resume_of_a_budgeted_run_refuses_steps_and_a_broken_config_is_one_line(tmp_path, capsys):
+    from biounet.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig.preset("fast", minutes=5.0, steps=1234)
+    (run / "train_config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    assert main(["train", str(tmp_path / "data"), "-o", str(run), "--resume", "--steps", "5000"]) == 1
+    err = capsys.readouterr().err
+    assert "has a time budget of 5 min and keeps the 1234 steps planned for it; --steps cannot change them" in err
+    (run / "train_config.json").write_text('{"lr": "abc"')
+    assert main(["train", str(tmp_path / "data"), "-o", str(run), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "train_config.json: cannot read the run's configuration" in err and err.count("\n") == 1

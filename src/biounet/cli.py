@@ -305,19 +305,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from biounet.datasets import load_dataset
-    from biounet.train import TrainConfig, split_samples, train
+    from biounet.train import TrainConfig, read_run_config, split_samples, train
 
     run_dir = Path(args.output)
     saved = run_dir / "train_config.json"
     if args.resume and saved.is_file():
+        recorded = read_run_config(saved)
         try:
-            config = TrainConfig.from_dict(json.loads(saved.read_text()))
-        except (OSError, ValueError, TypeError) as exc:
-            raise ValueError(f"{saved}: cannot read the run's configuration: {exc}") from exc
+            config = TrainConfig.from_dict(recorded)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{saved}: {exc}") from exc
         if config.minutes is not None and args.steps is not None:
             raise ValueError(f"{run_dir}: this run has a time budget of {config.minutes:g} min and keeps the "
                              f"{config.steps} steps planned for it; --steps cannot change them")  # fmt: skip

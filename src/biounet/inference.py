@@ -26,7 +26,7 @@ import numpy as np
 
 from biounet.io import ensure_writable_folder, label_overlay, read_image_axes, write_png, write_tiff
 from biounet.model import UNet, load_model
-from biounet.tiling import CompileMode, Precision, check_compile, predict
+from biounet.tiling import CompileMode, Precision, check_compile, converts_to_luminance, predict
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def channel_axis_of(axes: str, shape: tuple[int, ...], model: UNet, channel_axis
         raise ValueError(f"channel axis {channel_axis} is out of range for shape {shape}")
     n_channels = 1 if channel_axis is None else shape[channel_axis]
     expected = model.config.in_channels
-    if n_channels != expected and not _converts_to_luminance(model, n_channels):
+    if n_channels != expected and not converts_to_luminance(model, n_channels):
         if model.info.color == "luminance":
             how = "; it converts 3-channel (RGB) images to luminance, and no other channel count"
         else:
@@ -69,9 +69,6 @@ def channel_axis_of(axes: str, shape: tuple[int, ...], model: UNet, channel_axis
         raise ValueError(f"has {n_channels} channel(s) (axes {axes}, shape {shape}) but the model takes {expected}{how}")
     return channel_axis
 
-
-def _converts_to_luminance(model: UNet, n_channels: int) -> bool:
-    return model.info.color == "luminance" and model.config.in_channels == 1 and n_channels == 3
 
 
 def is_zarr(path: str | Path) -> bool:
@@ -90,7 +87,7 @@ def model_items_of(
     for a model that takes the luminance (``model.info.color``) is converted here.
     """
     channel_axis = channel_axis_of(axes, image.shape, model, channel_axis)
-    if channel_axis is not None and _converts_to_luminance(model, image.shape[channel_axis]):
+    if channel_axis is not None and converts_to_luminance(model, image.shape[channel_axis]):
         from biounet.io import to_luminance
 
         image = to_luminance(image, "image", axis=channel_axis)

@@ -334,6 +334,14 @@ class Progress:
     result: np.ndarray | None = None
 
 
+def converts_to_luminance(model: UNet, n_channels: int) -> bool:
+    """Whether ``model`` turns an image of ``n_channels`` channels into its luminance (``model.info.color``).
+
+    Only RGB (3 channels) into a 1-channel network; every other mismatch is an error of the caller's.
+    """
+    return model.info.color == "luminance" and model.config.in_channels == 1 and n_channels == 3
+
+
 def resolve_precision(device: str | torch.device) -> Literal["float32", "bfloat16"]:
     """``"bfloat16"`` where ``device`` computes it natively, else ``"float32"`` (with a log line).
 
@@ -439,8 +447,8 @@ def predict_steps(
         precision = resolve_precision(device if device is not None else next(model.parameters()).device)
     compile = check_compile(compile)
     shape = np.shape(image)
-    if channel_axis is not None and model.info.color == "luminance" and config.in_channels == 1:
-        if -len(shape) <= channel_axis < len(shape) and shape[channel_axis] == 3:  # as the model was trained
+    if channel_axis is not None and -len(shape) <= channel_axis < len(shape):
+        if converts_to_luminance(model, shape[channel_axis]):  # as the model was trained
             from biounet.io import to_luminance
 
             image, channel_axis = to_luminance(np.asarray(image), "image", axis=channel_axis), None

@@ -338,7 +338,7 @@ def train_steps(
 
     # ---- model, optimiser, schedule ------------------------------------------------------
     saved_config = run_dir / "train_config.json"
-    saved = _read_saved_config(saved_config) if resume and saved_config.is_file() else {}
+    saved = read_run_config(saved_config) if resume and saved_config.is_file() else {}
     from biounet.tiling import resolve_precision
 
     if config.precision == "auto":  # a resumed run keeps the precision it started with
@@ -678,8 +678,8 @@ def plan_steps(
 RESUMABLE_CHANGES = ("steps", "val_every", "checkpoint_every")
 
 
-def _read_saved_config(path: Path) -> dict[str, Any]:
-    """A run folder's ``train_config.json`` as a dict, or a clear error naming it."""
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run folder's ``train_config.json`` as a dict (as saved, unchecked), or a clear error naming it."""
     try:
         saved = json.loads(path.read_text())
         if not isinstance(saved, dict):
