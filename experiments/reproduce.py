@@ -16,7 +16,9 @@ Experiments (the data comes from ``$BIOUNET_DATA``):
 
 Every trained model lands in ``--out`` (default ``runs/reproduce``) with a ``record.json`` of
 its scores; a rerun with the same settings reuses them, so an interrupted run continues
-where it stopped and the page can be rewritten without training. The page
+where it stopped (a U-Net killed mid-training resumes from its last checkpoint, exactly; its
+``key.json`` says which settings it was started with) and the page can be rewritten
+without training. The page
 (``docs/results.md``), its figures (``docs/images/results_*.png``) and, with ``--ship``, the
 shipped models and their cards are written by this script only.
 
@@ -30,6 +32,13 @@ CPU-scale run of the baseline and the peer on two folds, shipping the models::
 
     BIOUNET_DATA=/data python experiments/reproduce.py --preset fast --steps 300 --folds 0,1 \\
         --variants unet,monai --ship src/biounet/models
+
+The shipped models: the same experiments (reused from their records), then the baseline
+recipe on every labelled image for 60 minutes per data set, shipped with cards that give the
+held-out scores of the recipe as the estimate (rerun the same command to resume)::
+
+    BIOUNET_DATA=/data python experiments/reproduce.py --preset fast --minutes 5 --select 0.1 \\
+        --ship src/biounet/models --ship-minutes 60
 
 Full run on a GPU::
 
@@ -62,7 +71,7 @@ import page
 import peer_monai
 from common import ABLATIONS, DATASETS, EM_DIR, N_FOLDS, NUCLEI_DIR, VARIANTS
 from biounet.datasets import Sample, load_dataset
-from biounet.io import atomic_write
+from biounet.io import atomic_folder, atomic_write
 from biounet.model import UNet, load_model
 from biounet.tiling import predict
 from biounet.train import TrainConfig, split_samples, train
@@ -92,9 +101,14 @@ class Job:
     categories: dict[str, str] = dataclasses.field(default_factory=dict)
     #: Images held out of ``train`` to pick the ``best`` model by ``config.best_by`` (``--select``).
     val: tuple[Sample, ...] = ()
+    #: A model to ship (``--ship-minutes``): trained on every labelled image, so ``test`` is a
+    #: subset of ``train`` and its scores are a regression check, not an estimate.
+    final: bool = False
 
     @property
     def name(self) -> str:
+        if self.final:
+            return f"{self.dataset}/final"
         return f"{self.dataset}/{self.variant}" + ("" if self.fold is None else f"/fold{self.fold}")
 
 
@@ -167,16 +181,21 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
     Returns the record and whether it was reused.
     """
     key = _key(job, crop)
-    record_path = job.run_dir / "record.json"
+    record_path, key_path = job.run_dir / "record.json", job.run_dir / "key.json"
     cached = cached_record(job, crop)
     if cached is not None:
         log.info("%s: reusing %s", job.name, record_path)
         return cached, True
-    if job.run_dir.exists():
-        shutil.rmtree(job.run_dir)
-    job.run_dir.mkdir(parents=True)
+    resume = (job.variant != "monai" and (job.run_dir / "checkpoint.pt").is_file() and key_path.is_file()
+              and json.loads(key_path.read_text()) == key)  # fmt: skip
+    if not resume:
+        if job.run_dir.exists():
+            shutil.rmtree(job.run_dir)
+        job.run_dir.mkdir(parents=True)
+        _write_json(key_path, key)
     budget = f"{job.config.minutes:g} min" if job.config.minutes else f"{job.config.steps} steps"
-    log.info("%s: training %s on %d images (%d validation)", job.name, budget, len(job.train), len(job.val))
+    log.info("%s: %s %s on %d images (%d validation)", job.name, "resuming" if resume else "training", budget,
+             len(job.train), len(job.val))  # fmt: skip
     started = time.perf_counter()
     models: dict[str, Any] = {}
     if job.variant == "monai":
@@ -188,7 +207,7 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
             return peer_monai.predict_peer(net, image, job.config, device=device)
     else:
         models["last"] = train(job.train, job.run_dir, job.config, val_samples=job.val, device=device,
-                               progress=progress)  # fmt: skip
+                               resume=resume, progress=progress)  # fmt: skip
         if job.val:
             models["best"] = load_model(job.run_dir / "best", device=device)
         parameters = sum(p.numel() for p in models["last"].parameters())
@@ -205,6 +224,8 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
         "trained": {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "hardware": hw.get("gpu", hw["cpu"]), "load": hw["load"]},
     }  # fmt: skip
+    if resume:  # train_seconds counts this invocation only
+        record["resumed"] = True
     runs = {"plain": False, "tta": True} if job.variant == "unet" else {"plain": False}
     if "best" in models:
         runs["best"] = False
@@ -291,6 +312,38 @@ def nuclei_jobs(
                 categories, val=() if variant == "monai" else val) for variant in variants]  # fmt: skip
 
 
+def final_jobs(
+    root: Path, datasets: Sequence[str], make_config: ConfigFor, out: Path, minutes: float, *, fraction: float,
+    seed: int, crop: int | None = None,
+) -> list[Job]:  # fmt: skip
+    """The models to ship: the baseline recipe on every labelled image for ``minutes``, no selection.
+
+    The last model ships. Its recorded scores are on images it was trained on (EM: fold 0's
+    slices; nuclei: the split's validation images), a check that the shipped file reproduces
+    them, not an estimate; the cross-validation and split of the same recipe are the estimate.
+    ``crop`` (``--quick``): top-left corners only.
+    """
+    def pick(samples: Sequence[Sample]) -> tuple[Sample, ...]:
+        return tuple(common.crop_sample(s, crop) for s in samples) if crop else tuple(samples)
+
+    jobs = []
+    if "em" in datasets:
+        samples = load_dataset(root / EM_DIR, layout="isbi")
+        first_fold = set(common.contiguous_folds([s.name for s in samples], N_FOLDS)[0])
+        jobs.append(Job("em", "unet", None, pick(samples), pick([s for s in samples if s.name in first_fold]),
+                        dataclasses.replace(make_config("em", "unet"), minutes=minutes), out / "em" / "final",
+                        final=True))  # fmt: skip
+    if "nuclei" in datasets:
+        categories = common.read_manifest(root / NUCLEI_DIR / "manifest.csv")
+        _, val_ids = common.stratified_split(categories, fraction, seed=seed)
+        samples = {s.name: s for s in load_dataset(root / NUCLEI_DIR, layout="folders", as_gray=True)}
+        jobs.append(Job("nuclei", "unet", None, pick([samples[i] for i in sorted(categories)]),
+                        pick([samples[i] for i in val_ids]),
+                        dataclasses.replace(make_config("nuclei", "unet"), minutes=minutes),
+                        out / "nuclei" / "final", categories, final=True))  # fmt: skip
+    return jobs
+
+
 # ============================================================================================
 # Figures and shipped models
 # ============================================================================================
@@ -342,13 +395,16 @@ def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> 
         "nuclei": [(common.mean_nuclei_scores(r["plain"])["ap"], f"nuclei/{v}", r)
                    for v, r in results["nuclei"].items() if exact(r)],
     }  # fmt: skip
+    for name, dataset in (("em-membranes", "em"), ("nuclei", "nuclei")):
+        if dataset in results.get("final", {}):  # --ship-minutes: the model trained on everything ships
+            candidates[name] = [(0.0, f"{dataset}/final", results["final"][dataset])]
     written = []
     for name, options in candidates.items():
         if not options:
             continue
         _, job_name, record = max(options, key=lambda option: option[0])
         model = load_model(jobs[job_name].run_dir / "last")
-        provenance = {**model.info.provenance, **_provenance(name, job_name, record, len(options), results["meta"])}
+        provenance = {**model.info.provenance, **_provenance(name, job_name, record, len(options), results)}
         model.info = dataclasses.replace(model.info, provenance=provenance)
         if sum(p.numel() * 4 for p in model.parameters()) > SHIP_LIMIT_BYTES:
             model = model.half()
@@ -360,36 +416,57 @@ def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> 
                         name, job_name, size / 2**20, SHIP_LIMIT_BYTES // 2**20)  # fmt: skip
             continue
         target = folder / name
-        if target.exists():
-            shutil.rmtree(target)
-        model.save(target)
-        with atomic_write(target / "MODEL_CARD.md") as tmp:
-            tmp.write_text(page.model_card(name, job_name, record, provenance, results))
+        card = page.model_card(name, job_name, record, provenance, results)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(target) as tmp:  # weights, config and card replace the old model together
+            model.save(tmp)
+            (tmp / "MODEL_CARD.md").write_text(card, encoding="utf-8")
         written.append(target)
         log.info("shipped %s (%s) to %s", name, job_name, target)
     return written
 
 
-def _provenance(name: str, job_name: str, record: dict, n_options: int, meta: dict) -> dict[str, Any]:
-    """What a shipped model's ``config.json`` records beside the training recipe."""
-    em = record["key"]["dataset"] == "em"
+def _provenance(name: str, job_name: str, record: dict, n_options: int, results: dict) -> dict[str, Any]:
+    """What a shipped model's ``config.json`` records beside the training recipe.
 
-    def summary(run: str) -> dict[str, float] | None:
-        if run not in record:
+    A model trained on every image (``--ship-minutes``) records its scores on training images
+    (``trained_on_images``: true) and, as ``estimate``, the scores of the same recipe on the
+    images the page's experiment held out.
+    """
+    meta, em, final = results["meta"], record["key"]["dataset"] == "em", job_name.endswith("/final")
+
+    def summary(run: str, of: Any = record) -> dict[str, float] | None:
+        if run not in of:
             return None
-        return record[run] if em else common.mean_nuclei_scores(record[run])
+        return of[run] if em else common.mean_nuclei_scores(of[run])
 
-    selected_by = ("held-out V_rand, among the folds of the valid-padding variant with the best mean V_rand" if em
-                   else "validation AP at IoU 0.5, among the valid-padding variants")  # fmt: skip
+    if final:
+        selection = f"none: the last model of a run on all {len(record['key']['train'])} labelled images"
+    else:
+        selected_by = ("held-out V_rand, among the folds of the valid-padding variant with the best mean V_rand" if em
+                       else "validation AP at IoU 0.5, among the valid-padding variants")  # fmt: skip
+        selection = f"best of {n_options} model(s) by {selected_by}"
+    evaluation = {
+        "dataset": EM_DIR if em else NUCLEI_DIR, "images": record["key"]["test"], "crop": meta["crop"],
+        "trained_on_images": final, "tta": False, "scores": summary("plain"), "scores_tta": summary("tta"),
+        "how": "experiments/common.py: " + ("em_scores" if em else "nuclei_scores, mean over images"),
+    }  # fmt: skip
+    reference = results["em" if em else "nuclei"].get("unet")
+    if final and reference:
+        records = reference if em else [reference]
+        evaluation["estimate"] = {
+            "experiment": f"em/unet, cross-validation on folds {', '.join(str(r['key']['fold']) for r in records)} "
+            "(mean over folds)" if em else "nuclei/unet, the stratified split's validation images",
+            "minutes": records[0]["key"]["config"].get("minutes"),
+            "steps": [r.get("steps_run") for r in records],
+            "scores": ({m: float(np.mean([r["plain"][m] for r in records])) for m in records[0]["plain"]} if em
+                       else summary("plain", reference)),
+        }  # fmt: skip
     return {
         "name": name,
         "experiment": job_name,
-        "selection": f"best of {n_options} model(s) by {selected_by}",
-        "evaluation": {
-            "dataset": EM_DIR if em else NUCLEI_DIR, "images": record["key"]["test"], "crop": meta["crop"],
-            "tta": False, "scores": summary("plain"), "scores_tta": summary("tta"),
-            "how": "experiments/common.py: " + ("em_scores" if em else "nuclei_scores, mean over images"),
-        },
+        "selection": selection,
+        "evaluation": evaluation,
         "training": {  # when and where the record was made (it may be reused by later invocations)
             "steps": record.get("steps_run", record["key"]["config"]["steps"]),
             "minutes": record["key"]["config"].get("minutes"), "seconds": record["train_seconds"], "device": record["device"],
@@ -431,6 +508,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, help="results page (default docs/results.md; quick: OUT/results.md)")
     p.add_argument("--figures", type=Path, help="figure folder (default docs/images; quick: OUT/images)")
     p.add_argument("--ship", type=Path, metavar="DIR", help="save the best EM and nuclei models to DIR/<name>/")
+    p.add_argument("--ship-minutes", type=float, metavar="MIN",
+                   help="with --ship: train the baseline recipe on every labelled image for MIN minutes per data "
+                   "set and ship those last models (resumable: rerun the same command to continue)")
     p.add_argument("--data", type=Path, default=os.environ.get("BIOUNET_DATA") or None,
                    help="data folder ($BIOUNET_DATA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -438,6 +518,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.data is None or not Path(args.data).is_dir():
         p.error("no data: set BIOUNET_DATA (or --data) to the folder holding isbi2012-em/ and dsb2018-nuclei/")
+    if args.ship_minutes is not None and (args.ship is None or not args.ship_minutes > 0):
+        p.error(f"--ship-minutes needs --ship and a positive number of minutes, got {args.ship_minutes}")
     args.ablation_datasets = args.ablation_datasets or args.datasets
     for name, allowed in (("datasets", DATASETS), ("variants", VARIANTS), ("ablation_datasets", DATASETS)):
         chosen = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
@@ -477,18 +559,19 @@ def run_jobs(jobs: Sequence[Job], args: argparse.Namespace, crop: int | None) ->
     variant, and the bookkeeping.
     """
     started = time.perf_counter()
-    results: dict[str, Any] = {"em": {}, "nuclei": {}}
+    results: dict[str, Any] = {"em": {}, "nuclei": {}, "final": {}}
     done: dict[str, Job] = {}
     skipped, trained, longest = [], 0, 0.0
     experiments: dict[tuple[str, str], list[Job]] = {}
     for job in jobs:
-        experiments.setdefault((job.dataset, job.variant), []).append(job)
+        experiments.setdefault((job.dataset, "final" if job.final else job.variant), []).append(job)
     for (dataset, variant), group in experiments.items():
         cached = [cached_record(job, crop) for job in group]
         longest = max([longest, *(r["train_seconds"] + r["score_seconds"] for r in cached if r is not None)])
-        to_train = sum(r is None for r in cached)
+        to_train = [job for job, r in zip(group, cached, strict=True) if r is None]
+        needed = sum(max(longest, 60 * (job.config.minutes or 0)) for job in to_train)  # a budget is a floor
         elapsed = time.perf_counter() - started
-        if args.time_limit is not None and to_train and elapsed + to_train * longest > 60 * args.time_limit:
+        if args.time_limit is not None and to_train and elapsed + needed > 60 * args.time_limit:
             skipped += [job.name for job in group]
             log.warning("%s/%s: skipped, the time limit of %s min would be passed", dataset, variant, args.time_limit)
             continue
@@ -499,7 +582,9 @@ def run_jobs(jobs: Sequence[Job], args: argparse.Namespace, crop: int | None) ->
                 trained += 1
                 longest = max(longest, time.perf_counter() - t0)
             done[job.name] = job
-            if dataset == "em":
+            if job.final:
+                results["final"][dataset] = record
+            elif dataset == "em":
                 results["em"].setdefault(variant, []).append(record)
             else:
                 results["nuclei"][variant] = record
@@ -526,15 +611,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs += nuclei_jobs(args.data, variants, make_config, args.out, fraction=args.val_fraction,
                             seed=args.split_seed, crop=crop, select=args.select)  # fmt: skip
     jobs.sort(key=lambda j: (VARIANTS.index(j.variant), DATASETS.index(j.dataset), j.fold or 0))
+    if args.ship_minutes:  # last, so the page's experiments are done first
+        jobs += final_jobs(args.data, args.datasets, make_config, args.out, args.ship_minutes,
+                           fraction=args.val_fraction, seed=args.split_seed, crop=crop)  # fmt: skip
     results, book = run_jobs(jobs, args, crop)
 
     configs = {dataset: make_config(dataset, "unet") for dataset in args.datasets}
-    records = [r for v in results["em"].values() for r in v] + list(results["nuclei"].values())
+    records = ([r for v in results["em"].values() for r in v] + list(results["nuclei"].values())
+               + list(results["final"].values()))  # fmt: skip
     results["meta"] = {
         "command": "python experiments/reproduce.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "hardware": hardware, "device": args.device, "preset": args.preset,
         "steps": configs[args.datasets[0]].steps, "minutes": args.minutes, "select": args.select,
+        "ship_minutes": args.ship_minutes,
         "quick": args.quick, "crop": crop,
         "configs": {dataset: dataclasses.asdict(config) for dataset, config in configs.items()},
         "val_fraction": args.val_fraction, "split_seed": args.split_seed, "time_limit": args.time_limit,

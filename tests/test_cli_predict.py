@@ -68,6 +68,21 @@ def test_predict_stack_keeps_axes(tmp_path, model_dir):
     assert prob.shape == (3, 2, 30, 20) and axes == "ZCYX"
 
 
+@pytest.mark.parametrize(("planes", "axes"), [(3, "ZYX"), (4, "TYX")])
+def test_labels_of_a_3_or_4_plane_stack_keep_its_axes(tmp_path, model_dir, planes, axes):
+    """Issue 13, finding 7: such labels were written as one planar RGB page ("3 channels" on reading)."""
+    stack = np.random.default_rng(1).random((planes, 30, 20)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": axes})
+    assert main(["predict", "--model", str(model_dir), str(tmp_path / "s.tif"), "-o", str(tmp_path / "o"),
+                 "--no-progress"]) == 0  # fmt: skip
+    labels, label_axes = read_image_axes(tmp_path / "o" / "s_labels.tif")
+    prob, prob_axes = read_image_axes(tmp_path / "o" / "s_probabilities.tif")
+    assert (labels.shape, label_axes) == ((planes, 30, 20), axes)
+    assert (prob.shape, prob_axes) == ((planes, 2, 30, 20), axes[0] + "CYX")
+    with tifffile.TiffFile(tmp_path / "o" / "s_labels.tif") as tif:
+        assert len(tif.pages) == planes and tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK
+
+
 def test_bad_inputs_are_reported_and_others_still_processed(tmp_path, model_dir, capsys):
     good = tmp_path / "good.tif"
     tifffile.imwrite(good, np.random.default_rng(0).random((30, 30)).astype(np.float32))
@@ -153,7 +168,7 @@ def test_outputs_never_overwrite_ground_truth_inputs_or_each_other(tmp_path, mod
     tifffile.imwrite(tmp_path / "g" / "z.tif", image)
     assert main(["predict", str(model_dir), str(tmp_path / "g/z.tif"), str(tmp_path / "g/z_labels.tif"), "-o",
                  str(tmp_path / "g"), "--overwrite", "--no-progress"]) == 1  # fmt: skip
-    assert f"would overwrite the input {tmp_path / 'g/z_labels.tif'}" in capsys.readouterr().err
+    assert f"would write {tmp_path / 'g/z_labels.tif'}, which is an input of this call" in capsys.readouterr().err
     # deliberate: --overwrite replaces an earlier result
     assert main(["predict", str(model_dir), str(tmp_path / "g/x.tif"), "-o", str(tmp_path / "g"), "--overwrite",
                  "--no-progress"]) == 0  # fmt: skip
@@ -171,3 +186,90 @@ def test_cli_precision_defaults_to_auto_resolved_by_the_device(tmp_path, model_d
     assert asked == ["cpu"]  # auto was resolved once, for the device, and the answer was used
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "a_probabilities.tif"),
                                   predict(load_model(model_dir), image, progress=False))  # fmt: skip
+
+
+def test_any_exception_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    from biounet import cli
+
+    def broken(args):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(cli, "_cmd_evaluate", broken)
+    assert main(["evaluate", "p.tif", "--gt", "g.tif"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "biounet evaluate: error: unexpected TypeError: unsupported operand" in err
+    assert "--debug" in err
+    with pytest.raises(TypeError):
+        main(["--debug", "evaluate", "p.tif", "--gt", "g.tif"])
+
+    def hungry(args):
+        raise MemoryError
+
+    monkeypatch.setattr(cli, "_cmd_evaluate", hungry)
+    assert main(["evaluate", "p.tif", "--gt", "g.tif"]) == 1
+    assert "out of memory" in capsys.readouterr().err
+
+
+def test_sigterm_is_handled_like_ctrl_c(monkeypatch, capsys, tmp_path):
+    """Batch schedulers stop jobs with SIGTERM: atomic writes clean up, the exit status is 143."""
+    import os
+    import signal
+    import time
+
+    from biounet import cli
+    from biounet.io import atomic_write
+
+    def killed_while_writing(args):
+        with atomic_write(tmp_path / "out.tif") as tmp:
+            tmp.write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_cmd_evaluate", killed_while_writing)
+    assert main(["evaluate", "p.tif", "--gt", "g.tif"]) == 143
+    assert capsys.readouterr().err == "biounet: terminated\n"
+    assert list(tmp_path.iterdir()) == []  # no final file, no temporary file
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the caller's again
+
+
+def test_torture_findings_are_one_clear_line(tmp_path, model_dir, capsys):
+    """Findings of experiments/torture.py: each wrong input names itself and what is wrong with it."""
+    (tmp_path / "stack.tif").mkdir()
+    image = (np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "x.tif", image)
+    tifffile.imwrite(tmp_path / "x_labels.tif", image)
+    rc = main(["predict", "--model", str(model_dir), str(tmp_path / "stack.tif"), "-o", str(tmp_path / "o"),
+               "--no-progress"])  # fmt: skip
+    assert rc == 1 and "stack.tif: a folder, not an image file" in capsys.readouterr().err
+    rc = main(["predict", "--model", str(model_dir), str(tmp_path / "x.tif"), str(tmp_path / "x_labels.tif"),
+               "-o", str(tmp_path), "--overwrite", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{tmp_path / 'x.tif'} would write {tmp_path / 'x_labels.tif'}, which is an input" in err
+    (tmp_path / "loop.tif").symlink_to(tmp_path / "loop2.tif")
+    (tmp_path / "loop2.tif").symlink_to(tmp_path / "loop.tif")
+    rc = main(["predict", "--model", str(model_dir), str(tmp_path / "loop.tif"), "-o", str(tmp_path / "o"),
+               "--no-progress"])  # fmt: skip
+    assert rc == 1 and "loop.tif" in capsys.readouterr().err
+    labels = np.zeros((20, 20), np.uint8)
+    labels[2:8, 2:8] = 1
+    import imageio.v3 as iio
+
+    iio.imwrite(tmp_path / "l.png", labels)
+    before = (tmp_path / "l.png").read_bytes()
+    assert main(["show-weights", str(tmp_path / "l.png"), "-o", str(tmp_path / "l.png")]) == 1
+    assert "is the input label image" in capsys.readouterr().err and (tmp_path / "l.png").read_bytes() == before
+
+
+def test_weights_of_another_shape_are_one_line(tmp_path, capsys):
+    import json
+
+    UNet(depth=1, base_channels=2).save(tmp_path / "m")
+    UNet(depth=1, base_channels=4).save(tmp_path / "wide")
+    (tmp_path / "wide" / "weights.safetensors").replace(tmp_path / "m" / "weights.safetensors")
+    document = json.loads((tmp_path / "m" / "config.json").read_text())
+    del document["weights_sha256"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"tensor\(s\) of another shape \(first: .* \(4, 1, 3, 3\), the config needs "
+                                         r"\(2, 1, 3, 3\)\)$"):  # fmt: skip
+        load_model(tmp_path / "m")

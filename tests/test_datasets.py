@@ -563,3 +563,15 @@ def test_target_and_weights_use_the_separating_lines():
     assert sample.target[2:8, 6].tolist() == [0] * 6  # the line is drawn in the higher-numbered object
     assert sample.target[2:8, 5].tolist() == [1] * 6 and sample.target[2:8, 7].tolist() == [1] * 6
     assert sample.n_instances == 2 and sample.labels[4, 6] == 2  # the instances themselves are kept
+
+
+def test_a_file_for_a_folder_and_a_nan_image_name_the_path(tmp_path):
+    from biounet.datasets import load_dataset, make_sample
+
+    (tmp_path / "data.tif").write_bytes(b"")
+    with pytest.raises(ValueError, match="data.tif: a file, not a data set folder"):
+        load_dataset(tmp_path / "data.tif")
+    image = np.ones((8, 8), np.float32)
+    image[3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"images/s2.tif \(x\): the image has NaN or infinite pixels"):
+        make_sample(image, np.zeros((8, 8), np.uint8), name="x", image_path="images/s2.tif")

@@ -119,6 +119,12 @@ def test_cli_evaluate_errors_name_both_files(tmp_path, capsys):
     assert "r.txt: the report must be" in capsys.readouterr().err  # checked before the files are
 
 
+def test_a_report_path_that_is_a_folder_is_refused_before_scoring(tmp_path):
+    (tmp_path / "rep.json").mkdir()
+    with pytest.raises(ValueError, match="rep.json: a folder; the report must be a file"):
+        E.check_report_path(tmp_path / "rep.json")
+
+
 def test_check_report_path():
     assert E.check_report_path("out/R.JSON") == Path("out/R.JSON")
     with pytest.raises(ValueError, match=r"r\.txt: the report must be a \.csv or \.json file"):
@@ -148,3 +154,42 @@ def test_stack_probabilities_from_predict_are_read_on_their_class_axis(tmp_path)
     tifffile.imwrite(tmp_path / "s.tif", gt)
     (row,) = evaluate_files([(tmp_path / "s_probabilities.tif", tmp_path / "s.tif")], metrics="cells", progress=False)
     assert row["iou"] == 1.0
+
+
+def test_options_are_checked_and_never_silently_ignored(tmp_path, capsys):
+    """Issue 13, finding 6: ``--threshold 2``/``nan`` on a predict folder gave the default scores."""
+    from biounet.evaluation import evaluate_files
+    from biounet.io import write_tiff
+
+    gt = np.zeros((16, 16), np.uint16)
+    gt[2:8, 2:8], gt[9:14, 3:12] = 1, 2
+    prob = np.zeros((2, 16, 16), np.float32)
+    prob[1] = np.where(gt > 0, 0.7, 0.1)
+    prob[0] = 1 - prob[1]
+    folder = tmp_path / "pred"
+    folder.mkdir()
+    write_tiff(folder / "s_probabilities.tif", prob, axes="CYX")
+    write_tiff(folder / "s_labels.tif", (gt == 1).astype(np.uint16))  # what predict wrote: one of the two
+    tifffile_gt = tmp_path / "s.tif"
+    write_tiff(tifffile_gt, gt)
+    for bad, message in (("2", "threshold must be in [0, 1), got 2.0"), ("nan", "threshold must be finite")):
+        assert main(["evaluate", str(folder), "--gt", str(tifffile_gt), "--metrics", "cells", "--threshold", bad,
+                     "--no-progress"]) == 1  # fmt: skip
+        assert message in capsys.readouterr().err
+    # without options the cell metrics score predict's labels; with them, the probabilities
+    report = tmp_path / "r.json"
+    assert main(["evaluate", str(folder), "--gt", str(tifffile_gt), "--metrics", "cells", "-o", str(report),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert json.loads(report.read_text())["mean"]["n_pred"] == 1
+    assert main(["evaluate", str(folder), "--gt", str(tifffile_gt), "--metrics", "cells", "--threshold", "0.8",
+                 "-o", str(report), "--no-progress"]) == 0  # fmt: skip
+    assert json.loads(report.read_text())["mean"]["n_pred"] == 0  # nothing above 0.8: the option was used
+    assert main(["evaluate", str(folder), "--gt", str(tifffile_gt), "--metrics", "cells", "--threshold", "0.5",
+                 "-o", str(report), "--no-progress"]) == 0  # fmt: skip
+    assert json.loads(report.read_text())["mean"]["n_pred"] == 2
+    with pytest.raises(ValueError, match="s_labels.tif: a label image; threshold applies to probability maps only"):
+        evaluate_files([(folder / "s_labels.tif", tifffile_gt)], metrics="cells", threshold=0.3, progress=False)
+    with pytest.raises(ValueError, match="min_size: the ISBI scores take the probabilities as they are"):
+        evaluate_files([(folder / "s_probabilities.tif", tifffile_gt)], metrics="isbi", min_size=3, progress=False)
+    with pytest.raises(ValueError, match="unknown|split must be"):
+        evaluate_files([(folder / "s_labels.tif", tifffile_gt)], metrics="cells", split="bogus", progress=False)

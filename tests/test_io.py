@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
 
+from biounet import io
 from biounet.io import (
     atomic_folder, atomic_write, label_overlay, normalize_percentile, read_image, read_image_axes, write_png,
     write_tiff,
@@ -49,6 +58,66 @@ def test_atomic_folder_replaces_only_on_success(tmp_path):
     with pytest.raises(ValueError, match="cannot write to folder"):
         with atomic_folder(tmp_path / "missing" / "x.zarr"):
             pass
+
+
+def test_temporaries_of_killed_runs_are_swept_and_live_ones_kept(tmp_path):
+    """A SIGKILL leaves a hidden temporary file; the next write into the folder removes it."""
+    code = ("import os, sys, time\nfrom biounet.io import atomic_write\n"
+            "with atomic_write(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n    print(tmp.name, flush=True)\n"
+            "    time.sleep(60)\n")  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out.tif")], stdout=subprocess.PIPE, text=True)
+    left = tmp_path / child.stdout.readline().strip()
+    assert left.is_file() and left.name.startswith(".out.") and ".tmp" in left.name
+    old = time.time() - io.STALE_AFTER_SECONDS - 1
+    os.utime(left, (old, old))
+    assert io.sweep_stale_temporaries(tmp_path) == []  # the writer still runs: kept
+    assert left.is_file()
+    io._swept.clear()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert left.is_file() and not (tmp_path / "out.tif").exists()  # nothing under the final name
+    foreign = tmp_path / f".x.biounet@another-host@{child.pid}@abc.tmp.tif"
+    recent = tmp_path / f".y.biounet@{socket.gethostname()}@{child.pid}@abc.tmp.tif"  # may be another container's
+    for path in (foreign, recent, tmp_path / "keep.tmp.tif"):  # the last is not one of ours
+        path.write_bytes(b"")
+    os.utime(foreign, (old, old))
+    with atomic_write(tmp_path / "next.tif") as tmp:
+        tmp.write_bytes(b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([foreign.name, recent.name, "keep.tmp.tif",
+                                                                 "next.tif"])  # fmt: skip
+
+
+def test_a_folder_moved_aside_by_a_killed_swap_is_put_back(tmp_path):
+    """atomic_folder killed between its two renames: the old folder is aside and nothing took its place."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = tmp_path / f".model.biounet@{socket.gethostname()}@{dead.pid}@0123abcd.old"
+    aside.mkdir()
+    (aside / "config.json").write_text("{}")
+    old = time.time() - io.STALE_AFTER_SECONDS - 1
+    os.utime(aside, (old, old))
+    assert io.sweep_stale_temporaries(tmp_path) == [aside]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (tmp_path / "model" / "config.json").is_file()
+
+
+def test_atomic_folder_puts_the_old_folder_back_when_the_second_rename_fails(tmp_path, monkeypatch):
+    target = tmp_path / "out.zarr"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_rename = Path.rename
+
+    def fail_second(self, destination):
+        if ".tmp" in self.name and Path(destination) == target:
+            raise OSError("no space left")
+        return real_rename(self, destination)
+
+    monkeypatch.setattr(Path, "rename", fail_second)
+    with pytest.raises(OSError, match="no space left"):
+        with atomic_folder(target) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
 
 
 def test_atomic_write_missing_folder_is_clear(tmp_path):
@@ -188,3 +257,14 @@ def test_to_luminance_is_bt709_as_scikit_image_and_lazy_for_dask(dtype):
     np.testing.assert_array_equal(lazy.compute(), got)
     with pytest.raises(ValueError, match=r"x.tif: luminance needs 3 \(RGB\) channels on axis 1, got shape \(2, 2, 9, 7\)"):
         to_luminance(rgb[:, :2], "x.tif", axis=1)
+
+
+@pytest.mark.parametrize(("shape", "axes", "read_axes"), [
+    ((3, 20, 30), "ZYX", "ZYX"), ((4, 20, 30), "TYX", "TYX"), ((20, 30, 3), "YXS", "YXS"), ((20, 30, 3), None, "YXS"),
+    ((3, 20, 30), None, "IYX"),
+])  # fmt: skip
+def test_write_tiff_writes_rgb_only_where_asked(tmp_path, shape, axes, read_axes):
+    array = np.random.default_rng(0).integers(0, 255, shape).astype(np.uint8)
+    write_tiff(tmp_path / "x.tif", array, axes=axes)
+    back, got = read_image_axes(tmp_path / "x.tif")
+    assert got == read_axes and np.array_equal(back, array.astype(np.uint16))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,8 +180,113 @@ def test_load_errors_name_the_file(tmp_path):
     UNet(depth=1, base_channels=4).save(tmp_path / "m")
     UNet(depth=1, base_channels=2).save(tmp_path / "other")
     (tmp_path / "other" / "weights.safetensors").replace(tmp_path / "m" / "weights.safetensors")
+    with pytest.raises(ValueError, match="folder mixes two saves"):  # config.json records the weights' hash
+        load_model(tmp_path / "m")
+    document = json.loads((tmp_path / "m" / "config.json").read_text())
+    del document["weights_sha256"]  # as in models saved before the hash was recorded
+    (tmp_path / "m" / "config.json").write_text(json.dumps(document))
     with pytest.raises(ValueError, match="weights do not match"):
         load_model(tmp_path / "m")
+
+
+def _saved_config(tmp_path: Path) -> tuple[Path, dict]:
+    folder = UNet(depth=1, base_channels=2).save(tmp_path / "m")
+    return folder, json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"postprocess": {"bogus": 1}}, "postprocess: unknown post-processing option.*'bogus'"),
+    ({"postprocess": {"threshold": "high"}}, "postprocess: post-processing option threshold must be a number"),
+    ({"postprocess": {"threshold": 1.5}}, r"postprocess: threshold must be in \[0, 1\)"),
+    ({"postprocess": {"split": "watershed"}}, "split must be 'none', 'distance' or 'probability'"),
+    ({"postprocess": {"min_size": True}}, "min_size must be an integer, got True"),
+    ({"postprocess": []}, "postprocess must be a JSON object"),
+    ({"normalization": [5]}, r"normalization must be null or \[low, high\] percentiles, got \[5\]"),
+    ({"normalization": [99.8, 1.0]}, "0 <= low < high <= 100, got"),
+    ({"normalization": ["NaN", 1.0]}, "normalization must be null or"),
+    ({"class_names": ["background"]}, "1 class_names for num_classes=2"),
+    ({"class_names": "cells"}, "class_names must be a JSON array"),
+    ({"color": "sepia"}, "color must be one of keep, luminance"),
+    ({"format_version": 99}, "format_version 99 is not one this biounet reads"),
+    ({"format_version": None}, "format_version None"),
+    ({"architecture": {"base_channels": 1000000}}, r"base_channels must be an integer in 1\.\.4096"),
+    ({"architecture": {"base_channels": 512, "depth": 4}}, r"8192 channels at the bottom, over the limit of 4096"),
+    ({"architecture": {"depth": "4"}}, "depth must be an integer in 0..8, got '4'"),
+    ({"architecture": {"dims": 2.0}}, "dims must be 2 or 3, got 2.0"),
+    ({"architecture": {"dropout": "0.1"}}, "dropout must be in"),
+    ({"architecture": {"bogus": 1}}, "unknown U-Net config fields: bogus"),
+    ({"architecture": []}, "architecture must be a JSON object"),
+])  # fmt: skip
+def test_model_config_is_validated_before_the_network_is_built(tmp_path, change, message):
+    folder, document = _saved_config(tmp_path)
+    for key, value in change.items():
+        if key == "architecture" and isinstance(value, dict):
+            document["architecture"] = {**document["architecture"], **value}
+        else:
+            document[key] = value
+    (folder / "config.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=message) as caught:
+        load_model(folder)
+    assert str(caught.value).startswith(f"{folder / 'config.json'}: invalid model config: ")
+
+
+def test_a_config_that_is_not_an_object_or_not_text_is_one_line(tmp_path):
+    folder, _ = _saved_config(tmp_path)
+    for content in (b"[1, 2]", b"\xff\xfe\x00garbage", b""):
+        (folder / "config.json").write_bytes(content)
+        with pytest.raises(ValueError, match="config.json: invalid model config"):
+            load_model(folder)
+
+
+def test_weights_of_the_wrong_kind_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, document = _saved_config(tmp_path)
+    state = load_file(str(folder / "weights.safetensors"))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name].to(torch.int32)
+    save_file(state, str(folder / "weights.safetensors"))
+    del document["weights_sha256"]
+    (folder / "config.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=f"weights.safetensors: tensor {name} is torch.int32, the model needs torch.float32"):
+        load_model(folder)
+
+
+def test_save_writes_the_model_folder_as_one_rename(tmp_path, monkeypatch):
+    UNet(depth=1, base_channels=2).save(tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    real_rename = Path.rename
+    seen = []
+
+    def crash_at_the_swap(self, target):  # both new files are complete when the folders swap
+        seen.append(sorted(p.name for p in self.iterdir()) if self.is_dir() else None)
+        if self.name == "m":
+            raise OSError("disk gone")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_at_the_swap)
+    with pytest.raises(OSError, match="disk gone"):
+        UNet(depth=1, base_channels=4).save(tmp_path / "m")
+    monkeypatch.undo()
+    assert seen == [["config.json", "weights.safetensors"]]  # the old folder, about to be moved aside
+    # the old model is whole, nothing of the new one is mixed in, no temporary folder is left
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert load_model(tmp_path / "m").config.base_channels == 2
+    UNet(depth=1, base_channels=4).save(tmp_path / "m")
+    assert load_model(tmp_path / "m").config.base_channels == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_save_into_a_folder_with_other_files_keeps_them(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    UNet(depth=1, base_channels=2).save(tmp_path / "m")
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
+    assert load_model(tmp_path / "m").config.base_channels == 2
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        UNet(depth=1, base_channels=2).save(tmp_path / "f")
 
 
 def test_loading_never_unpickles(tmp_path):
@@ -222,3 +329,29 @@ def test_broken_weight_files_are_one_clear_error(tmp_path):
     torch.save({"x": torch.zeros(2)}, weights)  # a pickle under the safetensors name
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_model(tmp_path / "cut")
+
+
+def test_devices_this_torch_cannot_use_are_one_line(tmp_path):
+    from biounet.tiling import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'gpu' is not a torch device"):
+        check_device("gpu")
+    with pytest.raises(ValueError, match="'gpu' is not a torch device"):
+        load_model(UNet(depth=1, base_channels=2).save(tmp_path / "m"), device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': this torch .* sees no CUDA GPU"):
+            check_device("cuda")
+    else:
+        with pytest.raises(ValueError, match="CUDA GPU\\(s\\) here"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_a_folder_named_like_a_shipped_model_does_not_shadow_it(tmp_path, monkeypatch, caplog):
+    (tmp_path / "nuclei").mkdir()  # e.g. the user's data folder
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="biounet.model"):
+        model = load_model("nuclei")
+    assert model.info.color == "luminance" and "loading the shipped model 'nuclei'" in caplog.text
+    UNet(depth=1, base_channels=2).save(tmp_path / "nuclei")  # a real model folder of that name wins
+    assert load_model("nuclei").config.base_channels == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -226,6 +227,66 @@ def test_time_limit_estimates_from_reused_records(tmp_path):
     assert [r["fold"] for r in results["em"]["unet"]] == [0, 1]
 
 
+def _tiny_job(tmp_path: Path, steps: int) -> reproduce.Job:
+    from biounet.datasets import make_sample, synthetic_cells
+
+    samples = [make_sample(image, labels, name=f"s{i}")
+               for i, (image, labels) in enumerate(synthetic_cells(3, (80, 80), seed=1))]  # fmt: skip
+    config = reproduce.experiment_config("nuclei", "unet", "fast", steps, ["tile=124", "batch_size=1",
+                                                                           "checkpoint_every=1"])  # fmt: skip
+    return reproduce.Job("nuclei", "unet", None, tuple(samples[:2]), tuple(samples[2:]), config, tmp_path / "job")
+
+
+def test_an_interrupted_job_resumes_and_a_changed_one_starts_afresh(tmp_path):
+    job = _tiny_job(tmp_path, steps=2)
+    first, reused = reproduce.run_job(job, device="cpu", crop=None, progress=False)
+    assert not reused and "resumed" not in first and first["steps_run"] == 2
+    (job.run_dir / "record.json").unlink()  # killed after training, before the record was written
+    rows = (job.run_dir / "log.csv").read_text()
+    again, reused = reproduce.run_job(job, device="cpu", crop=None, progress=False)
+    assert not reused and again["resumed"] is True and again["steps_run"] == 2
+    assert (job.run_dir / "log.csv").read_text() == rows  # resumed at its end: nothing trained twice
+    assert again["plain"] == first["plain"]
+    changed = dataclasses.replace(job, config=dataclasses.replace(job.config, steps=3))
+    third, _ = reproduce.run_job(changed, device="cpu", crop=None, progress=False)
+    assert "resumed" not in third and third["steps_run"] == 3
+    assert json.loads((job.run_dir / "key.json").read_text()) == reproduce._key(changed, None)
+
+
+def test_ship_minutes_needs_ship(tmp_path):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--data", str(tmp_path), "--ship-minutes", "60"])
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--data", str(tmp_path), "--ship", str(tmp_path), "--ship-minutes", "0"])
+    args = reproduce.parse_args(["--data", str(tmp_path), "--ship", str(tmp_path), "--ship-minutes", "60"])
+    assert args.ship_minutes == 60.0
+
+
+@pytest.mark.data
+def test_final_jobs_train_on_every_labelled_image(data_dir):
+    make_config = functools.partial(reproduce.experiment_config, preset="fast", steps=None, sets=[])
+    em, nuclei = reproduce.final_jobs(data_dir, reproduce.DATASETS, make_config, Path("out"), 60.0,
+                                      fraction=0.2, seed=0)  # fmt: skip
+    assert (em.name, nuclei.name) == ("em/final", "nuclei/final")
+    assert [s.name for s in em.train] == [f"{i:02d}" for i in range(25)] and em.val == ()
+    assert [s.name for s in em.test] == common.contiguous_folds([s.name for s in em.train], reproduce.N_FOLDS)[0]
+    categories = common.read_manifest(data_dir / common.NUCLEI_DIR / "manifest.csv")
+    assert [s.name for s in nuclei.train] == sorted(categories) and len(nuclei.train) == 120
+    assert [s.name for s in nuclei.test] == common.stratified_split(categories, 0.2, seed=0)[1]
+    assert {s.name for s in nuclei.test} <= {s.name for s in nuclei.train}  # a regression check, said so
+    assert em.config.minutes == nuclei.config.minutes == 60.0 and em.final and nuclei.final
+    assert em.config == dataclasses.replace(make_config("em", "unet"), minutes=60.0)
+
+
+def test_final_records_are_kept_apart_from_the_experiments(monkeypatch, tmp_path):
+    monkeypatch.setattr(reproduce, "run_job", lambda job, **_: ({"name": job.name}, False))
+    config = reproduce.experiment_config("em", "unet", "fast", 2, [])
+    jobs = [reproduce.Job("em", "unet", 0, (), (), config, tmp_path),
+            reproduce.Job("em", "unet", None, (), (), config, tmp_path, final=True)]  # fmt: skip
+    results, _ = reproduce.run_jobs(jobs, reproduce.parse_args(["--data", str(tmp_path)]), None)
+    assert results["em"] == {"unet": [{"name": "em/unet/fold0"}]} and results["final"] == {"em": {"name": "em/final"}}
+
+
 # --------------------------------------------------------------------------------------------
 # The quick run, end to end on the real data
 # --------------------------------------------------------------------------------------------
@@ -235,7 +296,8 @@ def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
     pytest.importorskip("monai", reason="the MONAI peer needs monai (pip install 'biounet[bench]')")
     page, figures = tmp_path / "results.md", tmp_path / "images"
     command = [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--quick", "--out", str(tmp_path / "run"),
-               "--results", str(page), "--figures", str(figures), "--threads", "2", "--select", "0.2"]  # fmt: skip
+               "--results", str(page), "--figures", str(figures), "--threads", "2", "--select", "0.2",
+               "--ship", str(tmp_path / "models"), "--ship-minutes", "0.03"]  # fmt: skip
     env = {**os.environ, "BIOUNET_DATA": str(data_dir)}
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -268,3 +330,12 @@ def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
     assert len(em["key"]["val"]) == 4 and len(em["key"]["train"]) == 16 and set(em["best"]) == set(common.EM_METRICS)
     assert results["em"]["monai"][0]["key"]["train"] == em["key"]["train"] and results["em"]["monai"][0]["key"]["val"] == []
     assert em["best_step"] == 2 and results["nuclei"]["unet"]["best_step"] == 2
+    # --ship-minutes: the shipped models trained on every image, their card says so and gives the estimate
+    assert "## Shipped models" in text and set(results["final"]) == {"em", "nuclei"}
+    for name, dataset in (("em-membranes", "em"), ("nuclei", "nuclei")):
+        evaluation = json.loads((tmp_path / "models" / name / "config.json").read_text())["provenance"]["evaluation"]
+        assert evaluation["trained_on_images"] is True and evaluation["scores"] is not None
+        assert set(evaluation["images"]) <= set(results["final"][dataset]["key"]["train"])
+        card = (tmp_path / "models" / name / "MODEL_CARD.md").read_text()
+        assert "**not** an estimate" in card and "**Estimate.**" in card and "SMOKE-TEST MODEL" in card
+    assert len(results["final"]["em"]["key"]["train"]) == 25 and len(results["final"]["nuclei"]["key"]["train"]) == 120

@@ -236,3 +236,15 @@ def test_bfloat16_stays_close_to_float32(tiny_model):
     a = predict(tiny_model, image, progress=False)
     b = predict(tiny_model, image, precision="bfloat16", progress=False)
     assert np.abs(a - b).max() < 0.05
+
+
+def test_a_tile_below_the_smallest_is_raised_with_a_warning(caplog):
+    config = UNetConfig(depth=2, base_channels=4)
+    with caplog.at_level("WARNING", logger="biounet.tiling"):
+        layout = plan_tiles(config, (100, 100), tile=3)
+    smallest = [axis.tile_in for axis in layout]
+    assert min(smallest) > 3 and f"using {smallest} px" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="biounet.tiling"):
+        plan_tiles(config, (100, 100))
+    assert caplog.text == ""

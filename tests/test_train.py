@@ -326,7 +326,7 @@ def test_auto_precision_is_bfloat16_only_where_native(monkeypatch, caplog):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     with caplog.at_level("INFO", logger="biounet.tiling"):
         assert training.resolve_precision("cpu") == "float32"
-    assert "no native bfloat16, training in float32" in caplog.text
+    assert "no native bfloat16, computing in float32" in caplog.text
     assert training.resolve_precision("meta") == "float32"
 
 
@@ -458,3 +458,20 @@ def test_cli_resume_of_a_budgeted_run_refuses_steps_and_a_broken_config_is_one_l
     assert main(["train", str(tmp_path / "data"), "-o", str(run), "--resume"]) == 1
     err = capsys.readouterr().err
     assert "train_config.json: cannot read the run's configuration" in err and err.count("\n") == 1
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, caplog):
+    config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=1, val_every=1000)
+    with caplog.at_level("WARNING", logger="biounet.train"):
+        list(train_steps(_tiny_samples(2), tmp_path / "R", config, resume=True))
+    assert f"{tmp_path / 'R'}: no checkpoint to resume from; starting a new run" in caplog.text
+    assert (tmp_path / "R" / "last" / "config.json").is_file()
+
+
+def test_a_garbage_checkpoint_is_refused_in_one_line(tmp_path):
+    config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=1, val_every=1000)
+    list(train_steps(_tiny_samples(2), tmp_path / "R", config))
+    (tmp_path / "R" / "checkpoint.pt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="checkpoint.pt: not a checkpoint of this run") as caught:
+        list(train_steps(_tiny_samples(2), tmp_path / "R", config, resume=True))
+    assert "\n" not in str(caught.value)

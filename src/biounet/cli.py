@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 log = logging.getLogger("biounet")
 
@@ -192,6 +195,8 @@ def _cmd_show_weights(args: argparse.Namespace) -> int:
 
     if Path(args.output).suffix.lower() != ".png":
         raise ValueError(f"{args.output}: the output must be a .png file")
+    if Path(args.output).resolve() == Path(args.labels).resolve():
+        raise ValueError(f"{args.output}: is the input label image; choose another output file")
     labels = read_image(args.labels)
     if labels.ndim != 2:
         raise ValueError(f"{args.labels}: expected a 2D label image, got shape {labels.shape}")
@@ -232,12 +237,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "Dice, CTC SEG, object AP/F1 (DSB 2018); default all",
     )
     p.add_argument("-o", "--output", metavar="REPORT", help="write the scores to a .csv or .json file")
-    p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold for cell instances (0.5)")
+    p.add_argument("--threshold", type=float, help="foreground threshold for cell instances of probability maps "
+                   "(0.5); given, --split or --min-size make the cell metrics score the probability maps of a "
+                   "predict folder instead of its labels")  # fmt: skip
     p.add_argument(
-        "--split", choices=("none", "distance", "probability"), default="none",
+        "--split", choices=("none", "distance", "probability"),
         help="separate touching cells of probability maps by a seeded watershed (default none)",
     )
-    p.add_argument("--min-size", type=int, default=0, help="drop predicted cells below this many pixels (0)")
+    p.add_argument("--min-size", type=int, help="drop predicted cells below this many pixels (0)")
     p.add_argument("--no-warping", action="store_true", help="skip the warping error (the slowest ISBI score)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_evaluate)
@@ -250,12 +257,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.output:
         check_report_path(args.output)
-    # cell metrics score the labels that predict wrote with the model's post-processing, if both are there
-    pairs = pair_files(args.pred, args.gt, prefer="labels" if args.metrics == "cells" else "probabilities")
-    rows = evaluate_files(
-        pairs, metrics=args.metrics, threshold=args.threshold, split=args.split, min_size=args.min_size,
-        warping=not args.no_warping, progress=not args.no_progress,
-    )
+    options = {k: v for k, v in (("threshold", args.threshold), ("split", args.split), ("min_size", args.min_size))
+               if v is not None}  # fmt: skip
+    # cell metrics score the labels that predict wrote with the model's post-processing, if both are
+    # there, unless post-processing options are given: then the probabilities, with them
+    prefer = "labels" if args.metrics == "cells" and not options else "probabilities"
+    rows = evaluate_files(pair_files(args.pred, args.gt, prefer=prefer), metrics=args.metrics, **options,
+                          warping=not args.no_warping, progress=not args.no_progress)  # fmt: skip
     shown = [
         k for k in ("v_rand", "v_info", "rand_error", "pixel_error", "warping_error", "splits_mergers_error",
                     "iou", "dice", "seg", "ap50", "map", "f1_50")
@@ -425,16 +433,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler: Handler = args.handler
+    terminated = []
+
+    def on_sigterm(signum: int, frame: object) -> None:  # batch schedulers stop jobs with SIGTERM
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    restore = _install(signal.SIGTERM, on_sigterm)
     try:
         return int(handler(args) or 0)
-    except KeyboardInterrupt:
-        sys.stderr.write("biounet: interrupted\n")
-        return 130
+    except KeyboardInterrupt:  # atomic writes remove their temporary files; checkpoints stay resumable
+        sys.stderr.write(f"biounet: {'terminated' if terminated else 'interrupted'}\n")
+        return 143 if terminated else 130
     except (ValueError, OSError, RuntimeError) as exc:
         if args.debug:
             raise
         sys.stderr.write(f"biounet {args.command}: error: {exc}\n")
         return 1
+    except MemoryError:
+        if args.debug:
+            raise
+        sys.stderr.write(f"biounet {args.command}: error: out of memory; use smaller tiles (--tile) or images\n")
+        return 1
+    except Exception as exc:  # a bug, not a bad input: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        sys.stderr.write(f"biounet {args.command}: error: unexpected {type(exc).__name__}: {exc} (a bug in "
+                         "biounet; rerun with --debug for the traceback and report it)\n")  # fmt: skip
+        return 1
+    finally:
+        restore()
+
+
+def _install(signum: int, handler: Callable[[int, Any], None]) -> Callable[[], None]:
+    """Set a signal handler where Python may (the main thread) and the signal is not ignored.
+
+    Returns what puts the previous handler back (the default one where the previous was
+    installed outside Python).
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signum) == signal.SIG_IGN:
+        return lambda: None
+    previous = signal.signal(signum, handler)
+    return lambda: signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

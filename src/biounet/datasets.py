@@ -218,6 +218,8 @@ def make_sample(
     where = _where(name, label_path or image_path)
     image, labels = np.asarray(image), np.asarray(labels)
     _check_pair(image, labels, where)
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError(f"{_where(name, image_path or label_path)}: the image has NaN or infinite pixels")
     if labels.dtype.kind not in "biu":
         raise ValueError(f"{where}: label image must hold integers, got dtype {labels.dtype}")
     if label_format.kind == "mask":
@@ -488,7 +490,7 @@ def read_sample(
 def _folder(path: PathLike) -> Path:
     root = Path(path)
     if not root.is_dir():
-        raise ValueError(f"{root}: data set folder does not exist")
+        raise ValueError(f"{root}: a file, not a data set folder" if root.exists() else f"{root}: data set folder does not exist")
     return root
 
 

@@ -177,12 +177,23 @@ def evaluate_files(
       :func:`biounet.postprocess.probabilities_to_labels` (``threshold``, ``split``,
       ``min_size``).
 
-    Each dict starts with ``prediction`` and ``ground_truth`` (the file names).
+    Each dict starts with ``prediction`` and ``ground_truth`` (the file names). The
+    post-processing options are checked before any file is read; they apply to probability
+    maps only, so a label-image prediction with options other than the defaults is refused
+    rather than scored without them.
     """
     from tqdm.auto import tqdm
 
+    from biounet.postprocess import DEFAULTS, check_postprocess
+
     if metrics not in ("isbi", "cells", "all"):
         raise ValueError(f"metrics must be 'isbi', 'cells' or 'all', got {metrics!r}")
+    options = {"threshold": threshold, "split": split, "min_size": min_size}
+    check_postprocess(options)
+    custom = [name for name, value in options.items() if value != DEFAULTS[name]]
+    if custom and metrics == "isbi":
+        raise ValueError(f"{', '.join(custom)}: the ISBI scores take the probabilities as they are (V_rand at its "
+                         "best threshold); post-processing options are for the cell metrics")  # fmt: skip
     rows: list[dict[str, str | float]] = []
     for pred_path, gt_path in tqdm(pairs, desc="evaluate", unit="image", disable=not progress or len(pairs) < 2):
         pred_path, gt_path = Path(pred_path), Path(gt_path)
@@ -196,6 +207,10 @@ def evaluate_files(
             prob = pred if pred.dtype.kind == "f" else (pred != 0).astype(np.float32)
             row |= isbi_scores(prob, gt, warping=warping).summary()
         if metrics in ("cells", "all"):
+            if custom and pred.dtype.kind != "f":
+                raise ValueError(f"{pred_path}: a label image; {', '.join(custom)} "
+                                 f"{'applies' if len(custom) == 1 else 'apply'} to probability maps only (score its "
+                                 "probabilities, or leave the option at its default)")  # fmt: skip
             if pred.dtype.kind == "f":
                 labels = probabilities_to_labels(pred, threshold=threshold, split=split, min_size=min_size)
             else:
@@ -240,6 +255,8 @@ def check_report_path(path: PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"{path}: the report must be a .csv or .json file")
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder; the report must be a file")
     return path
 
 

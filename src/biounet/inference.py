@@ -234,6 +234,13 @@ def output_stem(path: Path) -> str:
     return path.name.removesuffix(".zarr").removesuffix(".ome") if is_zarr(path) else path.stem
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ValueError(f"{path}: cannot be resolved ({exc})") from None
+
+
 def plan_outputs(
     inputs: Sequence[Path], output: Path, save: Sequence[str], *, stream: bool = False, overwrite: bool = False
 ) -> dict[Path, list[Path]]:
@@ -245,7 +252,7 @@ def plan_outputs(
     """
     planned: dict[Path, list[Path]] = {}
     owner: dict[Path, Path] = {}
-    sources = {Path(p).resolve(): Path(p) for p in inputs}
+    sources = {_resolved(Path(p)): Path(p) for p in inputs}
     for path in map(Path, inputs):
         streamed = stream or is_zarr(path) or _is_large_tiff(path)
         stem, suffix = output_stem(path), ".ome.zarr" if streamed else ".tif"
@@ -253,9 +260,10 @@ def plan_outputs(
         names += [f"{stem}_overlay.png"] if "overlay" in save and not streamed else []
         planned[path] = [output / name for name in names]
         for target in planned[path]:
-            resolved = target.resolve()
+            resolved = _resolved(target)
             if resolved in sources:
-                raise ValueError(f"{target} would overwrite the input {sources[resolved]}; choose another output folder")
+                raise ValueError(f"{path} would write {target}, which is an input of this call ({sources[resolved]}); "
+                                 "choose another output folder")  # fmt: skip
             if resolved in owner:
                 raise ValueError(f"{owner[resolved]} and {path} would both be written to {target}: rename one of "
                                  "them, or segment them into separate output folders")  # fmt: skip
@@ -287,21 +295,20 @@ def _predict_one(
         return _predict_streamed(model, path, output, save=save, channel_axis=channel_axis, chunk=chunk, **kwargs)
     image, axes = read_image_axes(path)
     spatial_dims = model.config.dims
-    items, stack_shape, _ = model_items_of(image, axes, model, channel_axis)
+    items, stack_shape, stack_axes = model_items_of(image, axes, model, channel_axis)
     prob = predict(model, items if stack_shape else items[0], channel_axis=1 if stack_shape else 0, **kwargs)
     prob = prob.reshape(*stack_shape, *prob.shape[-1 - spatial_dims :])
     written = []
     stem = output_stem(path)
+    plane_axes = "YX" if spatial_dims == 2 else "ZYX"  # outputs keep the input's stack axes (Z, T, ...)
     if "probabilities" in save:
-        plane_axes = "CYX" if spatial_dims == 2 else "CZYX"
-        prob_axes = ("Z" if len(stack_shape) == 1 else "Q" * len(stack_shape)) + plane_axes
-        written.append(write_tiff(output / f"{stem}_probabilities.tif", prob, axes=prob_axes))
+        written.append(write_tiff(output / f"{stem}_probabilities.tif", prob, axes=stack_axes + "C" + plane_axes))
     if "labels" in save or "overlay" in save:
         planes = prob.reshape(-1, *prob.shape[-1 - spatial_dims :])
         labels = np.stack([labels_from_probabilities(p, **model.info.postprocess) for p in planes])
         labels = labels.reshape(*stack_shape, *prob.shape[-spatial_dims:])
         if "labels" in save:
-            written.append(write_tiff(output / f"{stem}_labels.tif", labels))
+            written.append(write_tiff(output / f"{stem}_labels.tif", labels, axes=stack_axes + plane_axes))
         if "overlay" in save:
             if stack_shape or spatial_dims != 2:
                 log.warning("%s: overlay skipped (only for 2D images)", path)

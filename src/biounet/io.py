@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +46,11 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
 
     The temporary file keeps the suffix of ``path`` (so writers that choose the format by
     file name still work) and lives in the same folder (so the final ``os.replace`` is an
-    atomic rename on POSIX and Windows). On any exception it is removed and ``path`` is
-    left exactly as it was.
+    atomic rename on POSIX and Windows). On success the file and then its folder are
+    flushed to disk (``fsync``), so a power cut after the call leaves the new file, not an
+    empty one. On any exception it is removed and ``path`` is left exactly as it was. A
+    temporary file that a killed process (``SIGKILL``) left behind is removed by the next
+    write into the same folder (:func:`sweep_stale_temporaries`).
 
     Examples
     --------
@@ -55,8 +61,10 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ValueError(f"{path}: output folder {folder} does not exist")
+    sweep_stale_temporaries(folder)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=folder)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}{_temporary_mark()}", suffix=f".tmp{path.suffix}",
+                                        dir=folder)  # fmt: skip
     except OSError as exc:
         raise ValueError(f"{path}: cannot write to folder {folder}: {exc.strerror or exc}") from exc
     os.close(fd)
@@ -64,7 +72,9 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(folder)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -74,29 +84,123 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
 def atomic_folder(path: PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path`` that replaces ``path`` on success.
 
-    The folder form of :func:`atomic_write`, for outputs that are folders (Zarr, OME-Zarr):
-    on success an existing ``path`` is moved aside, the new folder renamed into place and
-    the old one deleted; on any exception the temporary folder is removed and ``path`` is
-    left as it was.
+    The folder form of :func:`atomic_write`, for outputs that are folders (Zarr, OME-Zarr,
+    a model): on success every file in it is flushed to disk, an existing ``path`` is moved
+    aside, the new folder renamed into place and the old one deleted; on any exception the
+    temporary folder is removed and ``path`` is left as it was (moved back if the exception
+    came between the two renames; a process killed right there leaves the old folder aside,
+    and the next sweep of the folder puts it back).
     """
     path = Path(path)
+    sweep_stale_temporaries(path.parent)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_temporary_mark()}", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         raise ValueError(f"{path}: cannot write to folder {path.parent}: {exc.strerror or exc}") from exc
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual permissions
-        if path.exists():
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(Path(root) / name)
+            _fsync(Path(root))
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}{_temporary_mark()}{uuid.uuid4().hex}.old")
             path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            try:
+                tmp.rename(path)
+            except BaseException:
+                old.rename(path)
+                raise
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         else:
             tmp.rename(path)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: What marks the temporary files and folders of :func:`atomic_write` and
+#: :func:`atomic_folder`: ``.biounet@<host>@<pid>@`` in the name, so that a later run can tell
+#: those of a process that died from those of one still writing.
+_TEMPORARY = re.compile(r"\.biounet@(?P<host>[^@/\\]+)@(?P<pid>\d+)@.*\.(?P<kind>tmp|old)(\.[^.]*)?$")
+#: A temporary is swept only when it has not changed for this long, besides its writer being
+#: gone: containers that share a host name but not process ids cannot take each other's.
+STALE_AFTER_SECONDS = 15 * 60
+_swept: set[Path] = set()
+
+
+def _temporary_mark() -> str:
+    return f".biounet@{socket.gethostname()}@{os.getpid()}@"
+
+
+def sweep_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Remove the temporary files and folders that dead processes left in ``folder``.
+
+    Only names that :func:`atomic_write` and :func:`atomic_folder` make are looked at, and
+    of them only those of a process of this host that no longer runs (POSIX signal 0 says
+    so; nothing is swept on Windows) and that have not changed for
+    :data:`STALE_AFTER_SECONDS`. An old folder that :func:`atomic_folder` had moved aside
+    is put back if nothing took its place, else removed. Each folder is swept once per
+    process. Returns what was removed or put back.
+    """
+    folder = Path(folder).resolve()
+    if folder in _swept or os.name == "nt":
+        return []
+    _swept.add(folder)
+    removed = []
+    host, now = socket.gethostname(), time.time()
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        match = _TEMPORARY.search(entry.name)
+        if not match or match["host"] != host or _alive(int(match["pid"])):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < STALE_AFTER_SECONDS:
+                continue
+            target = folder / entry.name[1 : match.start()]
+            if match["kind"] == "old" and not (target.exists() or target.is_symlink()):
+                entry.rename(target)  # killed between the two renames of atomic_folder
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by killed runs", folder, len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or a platform without signal 0
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (folders only where the OS allows opening them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders; nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not support fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def ensure_writable_folder(path: PathLike, what: str = "output folder") -> Path:
@@ -151,7 +255,7 @@ def read_image_axes(path: PathLike) -> tuple[np.ndarray, str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{path}: a folder, not an image file" if path.is_dir() else f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(IMAGE_SUFFIXES)}")
@@ -249,7 +353,11 @@ def write_tiff(path: PathLike, array: np.ndarray, *, axes: str | None = None, co
     """Write ``array`` to a TIFF file atomically (ImageJ-compatible where possible).
 
     Float data is written as float32, integer labels as uint16 when they fit, else uint32.
-    ``axes`` (tifffile letters, e.g. ``"CYX"``) is stored in the file's metadata.
+    ``axes`` (tifffile letters, e.g. ``"CYX"``, one per dimension) is stored in the file's
+    metadata. Pages are gray (``minisblack``), so a stack of 3 or 4 planes is never taken
+    for an RGB image and :func:`read_image_axes` gives the same array and axes back; only
+    axes ending in ``S`` (samples), or no axes and a last dimension of 3 or 4 on a 3D array,
+    write RGB pixels.
     """
     import tifffile
 
@@ -263,9 +371,13 @@ def write_tiff(path: PathLike, array: np.ndarray, *, axes: str | None = None, co
         array = array.astype(np.uint16 if fits16 else np.uint32, copy=False)
     else:
         raise ValueError(f"{path}: cannot write pixel type {array.dtype} to TIFF")
+    if axes is not None and len(axes) != array.ndim:
+        raise ValueError(f"{path}: axes {axes!r} name {len(axes)} dimensions, the array has shape {array.shape}")
     metadata = {"axes": axes} if axes else None
+    rgb = axes.endswith("S") if axes else array.ndim == 3 and array.shape[-1] in (3, 4)
     with atomic_write(path) as tmp:
-        tifffile.imwrite(tmp, array, metadata=metadata, compression="zlib" if compress else None)
+        tifffile.imwrite(tmp, array, metadata=metadata, photometric="rgb" if rgb else "minisblack",
+                         compression="zlib" if compress else None)  # fmt: skip
     return Path(path)
 
 

@@ -28,17 +28,30 @@ class CsvLog:
     """Append rows of named values to ``path``; the header is the union of keys seen first.
 
     On resume the rows beyond ``keep_until_step`` are dropped, so that a run killed after its
-    last checkpoint and resumed logs every step exactly once.
+    last checkpoint and resumed logs every step exactly once. The file is appended to; it is
+    replaced (atomically, :func:`biounet.io.atomic_write`) only when rows must go or its
+    header differs, so a crash never loses the rows logged so far.
     """
 
     def __init__(self, path: Path, fields: Sequence[str], *, keep_until_step: int | None = None) -> None:
+        from biounet.io import atomic_write
+
         self.path, self.fields = Path(path), list(fields)
-        rows = self.read(self.path) if keep_until_step is not None and self.path.is_file() else []
-        rows = [r for r in rows if int(float(r["step"])) <= (keep_until_step or 0)]
-        with self.path.open("w", newline="") as handle:
+        old, header, whole = [], None, False
+        if keep_until_step is not None and self.path.is_file():
+            with self.path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                old, header = list(reader), reader.fieldnames
+            with self.path.open("rb") as handle:
+                whole = handle.seek(0, os.SEEK_END) == 0 or (handle.seek(-1, os.SEEK_END) >= 0
+                                                           and handle.read(1) == b"\n")  # fmt: skip
+        rows = [r for r in old if _step(r) is not None and _step(r) <= keep_until_step] if old else []
+        if header == self.fields and rows == old and whole:
+            return  # resumed where the log ends, after a whole line: append
+        with atomic_write(self.path) as tmp, tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, self.fields)
             writer.writeheader()
-            writer.writerows({k: r.get(k, "") for k in self.fields} for r in rows)
+            writer.writerows({k: r.get(k) or "" for k in self.fields} for r in rows)
 
     def write(self, row: Mapping[str, float | int | str]) -> None:
         with self.path.open("a", newline="") as handle:
@@ -48,6 +61,13 @@ class CsvLog:
     def read(path: Path) -> list[dict[str, str]]:
         with Path(path).open(newline="") as handle:
             return list(csv.DictReader(handle))
+
+
+def _step(row: Mapping[str, str | None]) -> int | None:
+    try:
+        return int(float(row.get("step") or "nan"))
+    except ValueError:  # a torn last line, or a foreign file
+        return None
 
 
 def _fmt(value: object) -> object:

@@ -20,9 +20,11 @@ Segmentation. MICCAI 2015, LNCS 9351, pp. 234-241. arXiv:1505.04597.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +40,10 @@ Norm = Literal["batch", "instance", "group"]
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
+#: Most channels any layer of a :class:`UNet` may have (4x the paper's widest layer): a bound
+#: that turns a typo such as ``base_channels: 1000000`` into one line instead of an
+#: allocation of terabytes.
+MAX_CHANNELS = 4096
 
 
 @dataclass(frozen=True)
@@ -75,19 +81,22 @@ class UNetConfig:
     def __post_init__(self) -> None:
         for name in ("in_channels", "num_classes", "base_channels"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHANNELS:
+                raise ValueError(f"UNetConfig.{name} must be an integer in 1..{MAX_CHANNELS}, got {value!r}")
         if self.num_classes < 2:
             raise ValueError(f"UNetConfig.num_classes must be >= 2 (softmax over classes), got {self.num_classes}")
-        if not isinstance(self.depth, int) or not 0 <= self.depth <= 8:
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or not 0 <= self.depth <= 8:
             raise ValueError(f"UNetConfig.depth must be an integer in 0..8, got {self.depth!r}")
+        if self.base_channels * 2**self.depth > MAX_CHANNELS:
+            raise ValueError(f"UNetConfig: base_channels * 2**depth = {self.base_channels * 2**self.depth} channels at "
+                             f"the bottom, over the limit of {MAX_CHANNELS} (the paper's net has 1024)")  # fmt: skip
         if self.padding not in ("valid", "same"):
             raise ValueError(f"UNetConfig.padding must be 'valid' or 'same', got {self.padding!r}")
         if self.norm not in (None, "batch", "instance", "group"):
             raise ValueError(f"UNetConfig.norm must be None, 'batch', 'instance' or 'group', got {self.norm!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.dims not in (2, 3):
+        if not isinstance(self.dims, int) or isinstance(self.dims, bool) or self.dims not in (2, 3):
             raise ValueError(f"UNetConfig.dims must be 2 or 3, got {self.dims!r}")
 
     # ---- shape arithmetic (per spatial axis) --------------------------------------------
@@ -212,8 +221,23 @@ class ModelInfo:
     color: str = "keep"
 
     def __post_init__(self) -> None:
+        from biounet.postprocess import check_postprocess
+
         if self.color not in COLOR_CONVERSIONS:
             raise ValueError(f"color must be one of {', '.join(COLOR_CONVERSIONS)}, got {self.color!r}")
+        if self.normalization is not None:
+            if len(self.normalization) != 2 or not all(_is_number(v) for v in self.normalization):
+                raise ValueError(f"normalization must be None or (low, high) percentiles, got {self.normalization!r}")
+            low, high = self.normalization
+            if not 0.0 <= low < high <= 100.0:  # NaN fails too
+                raise ValueError(f"normalization must be percentiles [low, high] with 0 <= low < high <= 100, got "
+                                 f"{list(self.normalization)}")  # fmt: skip
+        if not self.class_names or not all(isinstance(n, str) for n in self.class_names):
+            raise ValueError(f"class_names must be a list of strings, got {list(self.class_names)!r}")
+        try:
+            check_postprocess(self.postprocess)
+        except ValueError as exc:
+            raise ValueError(f"postprocess: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -226,7 +250,15 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        """From the ``config.json`` document; every field's type is checked (one ``ValueError``)."""
         norm = data.get("normalization")
+        if norm is not None and not (isinstance(norm, list) and len(norm) == 2
+                                     and all(_is_number(v) for v in norm)):  # fmt: skip
+            raise ValueError(f"normalization must be null or [low, high] percentiles, got {norm!r}")
+        for name, kind in (("class_names", list), ("postprocess", dict), ("provenance", dict), ("color", str)):
+            if name in data and not isinstance(data[name], kind):
+                raise ValueError(f"{name} must be a JSON {'array' if kind is list else 'object' if kind is dict else 'string'}, "
+                                 f"got {data[name]!r}")  # fmt: skip
         return cls(
             normalization=(float(norm[0]), float(norm[1])) if norm else None,
             class_names=tuple(data.get("class_names", ("background", "cell"))),
@@ -234,6 +266,10 @@ class ModelInfo:
             provenance=dict(data.get("provenance", {})),
             color=data.get("color", "keep"),
         )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _conv(dims: int) -> type[nn.Module]:
@@ -383,22 +419,41 @@ class UNet(nn.Module):
 
     # ---- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Save to folder ``path``: ``weights.safetensors`` + ``config.json``, each atomically."""
+        """Save to folder ``path``: ``weights.safetensors`` + ``config.json``.
+
+        A new folder, or one that holds only those two files, is written as one rename
+        (:func:`biounet.io.atomic_folder`), so a crash leaves the old model or the new one.
+        A folder with other files in it (or a symbolic link) gets each file atomically, weights first; the
+        config records the weights' SHA-256, so :func:`load_model` refuses a folder whose
+        two files come from different saves.
+        """
         from safetensors.torch import save_file
 
-        from biounet.io import atomic_write
+        from biounet.io import atomic_folder, atomic_write
 
         folder = Path(path)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"{folder}: cannot create model folder: {exc.strerror or exc}") from exc
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder}: exists and is not a folder; cannot save a model there")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_write(folder / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp), metadata={"format": "biounet", "version": str(FORMAT_VERSION)})
-        document = {"format_version": FORMAT_VERSION, "architecture": self.config.to_dict(), **self.info.to_dict()}
-        with atomic_write(folder / CONFIG_FILE) as tmp:
-            tmp.write_text(json.dumps(document, indent=2) + "\n")
+
+        def write(weights: Path, config: Path) -> None:
+            with atomic_write(weights) as tmp:
+                save_file(state, str(tmp), metadata={"format": "biounet", "version": str(FORMAT_VERSION)})
+            document = {"format_version": FORMAT_VERSION, "architecture": self.config.to_dict(),
+                        "weights_sha256": _sha256(weights), **self.info.to_dict()}  # fmt: skip
+            with atomic_write(config) as tmp:
+                tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+        if not folder.is_symlink() and (not folder.exists()
+                                        or {p.name for p in folder.iterdir()} <= {WEIGHTS_FILE, CONFIG_FILE}):
+            with atomic_folder(folder) as tmp_folder:
+                write(tmp_folder / WEIGHTS_FILE, tmp_folder / CONFIG_FILE)
+        else:
+            write(folder / WEIGHTS_FILE, folder / CONFIG_FILE)
         return folder
 
 
@@ -420,8 +475,13 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> UNet:
     """
     from safetensors.torch import load_file
 
+    from biounet.tiling import check_device
+
+    device = check_device(device)
     folder = Path(path)
-    if not folder.exists() and str(path) in available_models():
+    if str(path) in available_models() and not (folder / CONFIG_FILE).is_file():
+        if folder.exists():  # e.g. a data folder named like a shipped model in the working directory
+            log.info("%s is not a model folder; loading the shipped model %r", folder, str(path))
         folder = _models_dir() / str(path)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
@@ -430,25 +490,61 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> UNet:
             f"{folder}: not a biounet model (needs {CONFIG_FILE} and {WEIGHTS_FILE}); shipped models: {shipped}"
         )
     try:
-        document = json.loads(config_path.read_text())
+        document = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(document, dict):
+            raise ValueError(f"expected a JSON object, got {type(document).__name__}")
+        version = document.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"format_version {version!r} is not one this biounet reads (1..{FORMAT_VERSION}); a "
+                             "newer biounet may read it")  # fmt: skip
+        if not isinstance(document.get("architecture"), dict):
+            raise ValueError("architecture must be a JSON object of U-Net config fields")
         config = UNetConfig.from_dict(document["architecture"])
         info = ModelInfo.from_dict(document)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        if len(info.class_names) != config.num_classes:
+            raise ValueError(f"{len(info.class_names)} class_names for num_classes={config.num_classes}")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{config_path}: invalid model config: {exc}") from exc
     try:
         state = load_file(str(weights_path), device="cpu")
     except Exception as exc:  # safetensors raises its own SafetensorError for truncated or foreign files
         raise ValueError(f"{weights_path}: not a readable safetensors file: {exc}") from exc
+    recorded = document.get("weights_sha256")  # absent in models saved before it was recorded
+    if recorded is not None and recorded != _sha256(weights_path):
+        raise ValueError(f"{weights_path}: not the weights {config_path} was saved with (their SHA-256 differs): "
+                         "the file was replaced or changed after saving, or the folder mixes two saves")  # fmt: skip
     broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if broken:
         raise ValueError(f"{weights_path}: weights hold NaN or infinite values ({', '.join(broken[:3])}): the model "
                          "is broken; retrain it or use an earlier one")  # fmt: skip
     model = UNet(**config.to_dict(), info=info)
+    expected = model.state_dict()
+    kinds = [name for name, tensor in state.items()
+             if name in expected and tensor.is_floating_point() != expected[name].is_floating_point()]  # fmt: skip
+    if kinds:
+        raise ValueError(f"{weights_path}: tensor {kinds[0]} is {state[kinds[0]].dtype}, the model needs "
+                         f"{expected[kinds[0]].dtype}")  # fmt: skip
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [name for name in expected if name in state and state[name].shape != expected[name].shape]
+    for problem, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if names:
+            first = names[0] + (f" {tuple(state[names[0]].shape)}, the config needs {tuple(expected[names[0]].shape)}"
+                                if problem == "of another shape" else "")  # fmt: skip
+            raise ValueError(f"{weights_path}: weights do not match {config_path}: {len(names)} tensor(s) {problem} "
+                             f"(first: {first})")  # fmt: skip
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, OSError) as exc:
-        raise ValueError(f"{weights_path}: weights do not match {config_path}: {exc}") from exc
+        raise ValueError(f"{weights_path}: weights do not match {config_path}: {str(exc).splitlines()[0]}") from exc
     return model.to(device).eval()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _models_dir() -> Path:

@@ -8,8 +8,11 @@ and the demo.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Literal
+import math
+import numbers
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -86,16 +89,8 @@ def probabilities_to_labels(
         raise ValueError(f"prob must be a real 2D or 3D array, got {prob.dtype} with shape {prob.shape}")
     if prob.size and (not np.isfinite(prob).all() or prob.min() < 0 or prob.max() > 1):
         raise ValueError("prob must hold finite probabilities in [0, 1]")
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-    if split not in ("none", "distance", "probability"):
-        raise ValueError(f"split must be 'none', 'distance' or 'probability', got {split!r}")
-    if split == "probability" and not threshold < seed_threshold < 1.0:
-        raise ValueError(f"seed_threshold must be in (threshold={threshold}, 1), got {seed_threshold}")
-    if split == "distance" and min_seed_height <= 0:
-        raise ValueError(f"min_seed_height must be > 0, got {min_seed_height}")
-    if min_size < 0:
-        raise ValueError(f"min_size must be >= 0, got {min_size}")
+    check_postprocess(dict(threshold=threshold, split=split, seed_threshold=seed_threshold,
+                           min_seed_height=min_seed_height, min_size=min_size, connectivity=connectivity))  # fmt: skip
     if not 1 <= connectivity <= prob.ndim:
         raise ValueError(f"connectivity must be in 1..{prob.ndim} for a {prob.ndim}D map, got {connectivity}")
 
@@ -111,6 +106,53 @@ def probabilities_to_labels(
     labels = relabel_sequential(labels)[0].astype(np.int32, copy=False)
     log.debug("probabilities_to_labels: %d objects", labels.max())
     return labels
+
+
+#: The options of :func:`probabilities_to_labels` and the types they take.
+OPTIONS: dict[str, type] = {
+    "threshold": numbers.Real, "split": str, "seed_threshold": numbers.Real, "min_seed_height": numbers.Real,
+    "min_size": numbers.Integral, "connectivity": numbers.Integral,
+}  # fmt: skip
+
+
+#: The defaults of :func:`probabilities_to_labels`, read from its signature.
+DEFAULTS: dict[str, Any] = {name: p.default for name, p in inspect.signature(probabilities_to_labels).parameters.items()
+                            if p.kind is inspect.Parameter.KEYWORD_ONLY}  # fmt: skip
+
+
+def check_postprocess(options: dict[str, Any]) -> dict[str, Any]:
+    """Check keyword arguments of :func:`probabilities_to_labels` before any work; return them.
+
+    Every key must be one of its options, of its type (booleans are not numbers here) and in
+    its range; a ``connectivity`` above the map's dimensions is only caught by the function.
+    Raises one :class:`ValueError` naming the option.
+    """
+    if not isinstance(options, dict):
+        raise ValueError(f"post-processing options must be a mapping, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown post-processing option(s) {', '.join(map(repr, unknown))}; known: "
+                         f"{', '.join(OPTIONS)}")  # fmt: skip
+    for name, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, OPTIONS[name]):
+            kind = {str: "a string", numbers.Integral: "an integer", numbers.Real: "a number"}[OPTIONS[name]]
+            raise ValueError(f"post-processing option {name} must be {kind}, got {value!r}")
+        if isinstance(value, numbers.Real) and not math.isfinite(value):
+            raise ValueError(f"post-processing option {name} must be finite, got {value!r}")
+    o = {**DEFAULTS, **options}
+    if not 0.0 <= o["threshold"] < 1.0:
+        raise ValueError(f"threshold must be in [0, 1), got {o['threshold']}")
+    if o["split"] not in ("none", "distance", "probability"):
+        raise ValueError(f"split must be 'none', 'distance' or 'probability', got {o['split']!r}")
+    if o["split"] == "probability" and not o["threshold"] < o["seed_threshold"] < 1.0:
+        raise ValueError(f"seed_threshold must be in (threshold={o['threshold']}, 1), got {o['seed_threshold']}")
+    if o["split"] == "distance" and o["min_seed_height"] <= 0:
+        raise ValueError(f"min_seed_height must be > 0, got {o['min_seed_height']}")
+    if o["min_size"] < 0:
+        raise ValueError(f"min_size must be >= 0, got {o['min_size']}")
+    if not 1 <= o["connectivity"] <= 3:
+        raise ValueError(f"connectivity must be in 1..3, got {o['connectivity']}")
+    return options
 
 
 def _split_touching(

@@ -167,16 +167,20 @@ def plan_tiles(config: UNetConfig, shape: Sequence[int], tile: int | Sequence[in
     """Tile layout for an image of spatial ``shape`` (one :class:`AxisTiling` per axis).
 
     ``tile`` is the largest input tile per axis (an int or one per axis); the nearest valid
-    size below it is used. Default: 700 px for 2D models, 124 px for 3D models.
+    size below it is used, or the smallest the model computes if it is smaller (with a
+    warning). Default: 700 px for 2D models, 124 px for 3D models.
     """
-    if tile is None:
-        tile = DEFAULT_TILE_2D if config.dims == 2 else DEFAULT_TILE_3D
+    asked, tile = tile, (DEFAULT_TILE_2D if config.dims == 2 else DEFAULT_TILE_3D) if tile is None else tile
     tiles = [int(tile)] * len(shape) if isinstance(tile, (int, np.integer)) else [int(t) for t in tile]
     if len(tiles) != len(shape):
         raise ValueError(f"tile: expected one size or {len(shape)} sizes, got {tile!r}")
     if min(tiles) < 1:
         raise ValueError(f"tile: sizes must be positive, got {tile!r}")
-    return [plan_axis(int(size), config, t) for size, t in zip(shape, tiles, strict=True)]
+    layout = [plan_axis(int(size), config, t) for size, t in zip(shape, tiles, strict=True)]
+    used = [axis.tile_in for axis in layout]
+    if asked is not None and any(u > t for u, t in zip(used, tiles, strict=True)):
+        log.warning("tile %s is below the smallest tile this model computes; using %s px", tile, used)
+    return layout
 
 
 def tiling_efficiency(layout: Sequence[AxisTiling]) -> float:
@@ -342,6 +346,27 @@ def converts_to_luminance(model: UNet, n_channels: int) -> bool:
     return model.info.color == "luminance" and model.config.in_channels == 1 and n_channels == 3
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` that this torch can use, or one ``ValueError``.
+
+    Refused: strings torch does not parse (``"gpu"``), CUDA on a torch without CUDA or
+    without a GPU, a CUDA index past the GPUs present, MPS where it is missing.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch {torch.__version__} sees no CUDA GPU "
+                             "(torch.cuda.is_available() is False); use cpu")  # fmt: skip
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: MPS is not available here; use cpu")
+    return parsed
+
+
 def resolve_precision(device: str | torch.device) -> Literal["float32", "bfloat16"]:
     """``"bfloat16"`` where ``device`` computes it natively, else ``"float32"`` (with a log line).
 
@@ -350,16 +375,16 @@ def resolve_precision(device: str | torch.device) -> Literal["float32", "bfloat1
     ``benchmarks/precision.py``), or a CUDA GPU of compute
     capability 8.0 or more (Ampere and later). Elsewhere bfloat16 is emulated and slower.
     """
-    device = torch.device(device)
+    device = check_device(device)
     if device.type == "cuda":
-        native = torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+        native = torch.cuda.get_device_capability(device)[0] >= 8
     elif device.type == "cpu":
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     else:
         native = False
     if not native:
-        log.info("precision auto: %s has no native bfloat16, training in float32", device)
+        log.info("precision auto: %s has no native bfloat16, computing in float32", device)
     return "bfloat16" if native else "float32"
 
 
@@ -464,7 +489,7 @@ def predict_steps(
     ranges = _check_intensity_range(intensity_range, config.in_channels)
     items = normalize_items(items, model.info.normalization, ranges)
     transforms = DIHEDRAL if tta else ((0, False),)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = check_device(device) if device is not None else next(model.parameters()).device
 
     # One job per (item, transform); each job's tiles are independent and batched together.
     jobs = [(i, t) for i in range(len(items)) for t in transforms]

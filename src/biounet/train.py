@@ -35,6 +35,7 @@ import torch
 from biounet.io import atomic_write, ensure_writable_folder
 from biounet.losses import soft_dice_loss, weighted_cross_entropy
 from biounet.model import ModelInfo, UNet, UNetConfig
+from biounet.tiling import check_device
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def train_steps(
     from biounet.logs import CsvLog, EventWriter, plot_curves
     from biounet.weights import weight_map
 
-    run_dir, device_ = Path(run_dir), rank_device(torch.device(device))
+    run_dir, device_ = Path(run_dir), rank_device(check_device(device))
     if device_.type == "cuda" and device_.index is not None:
         torch.cuda.set_device(device_)  # NCCL's collectives use the current device
     rank, world = _distributed_setup(device_)
@@ -397,9 +398,12 @@ def train_steps(
                 log.info("resuming with best_by=%s: the best model is chosen afresh", config.best_by)
                 best, best_step = -math.inf, 0
         except Exception as exc:  # truncated, foreign or hostile files: torch, pickle and key errors alike
-            raise ValueError(f"{checkpoint_path}: not a checkpoint of this run ({type(exc).__name__}: {exc}); the "
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(f"{checkpoint_path}: not a checkpoint of this run ({type(exc).__name__}: {first}); the "
                              "run folder is unchanged") from exc  # fmt: skip
         log.info("resuming %s at step %d", run_dir, start)
+    elif resume and rank == 0:
+        log.warning("%s: no checkpoint to resume from; starting a new run", run_dir)
     fields = ["step", "loss", "lr", "seconds", "tiles_per_s", *(f"val_{k}" for k in VALIDATION_SCORES)]
     csv_log = CsvLog(run_dir / "log.csv", fields, keep_until_step=start) if rank == 0 else None
     events = EventWriter(run_dir) if rank == 0 else None
