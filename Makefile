@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all test-fast bench clean
+.PHONY: demo test test-all test-fast bench clean peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,18 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import elasticdeform" 2>/dev/null || $(PY) -m pip install -q --force-reinstall --no-deps \
 		--no-build-isolation --no-binary elasticdeform "elasticdeform==0.5.1"
 	touch $(STAMP)
+
+# The Cellpose peer of experiments/reproduce.py: its own environment, since Cellpose (through
+# numba and OpenCV) pins NumPy below what biounet uses.
+CELLPOSE_VENV := .venv-cellpose
+$(CELLPOSE_VENV)/.installed:
+	$(PYTHON) -m venv $(CELLPOSE_VENV)
+	$(CELLPOSE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CELLPOSE_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(CELLPOSE_VENV)/bin/python -m pip install -q "cellpose==3.1.1.3"
+	touch $@
+
+peers: $(STAMP) $(CELLPOSE_VENV)/.installed
 
 demo: $(STAMP)
 	$(VENV)/bin/biounet demo -o demo-output
@@ -30,4 +42,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/predict.py
 
 clean:
-	rm -rf $(VENV) demo-output build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(CELLPOSE_VENV) demo-output build dist src/*.egg-info .pytest_cache .hypothesis

@@ -24,7 +24,7 @@ from biounet.metrics import iou_per_class, isbi_scores, match_objects, seg_score
 EM_DIR, NUCLEI_DIR = "isbi2012-em", "dsb2018-nuclei"
 DATASETS = ("em", "nuclei")
 #: Variants in the order they run (most important first, for ``--time-limit``).
-VARIANTS = ("unet", "monai", "float32", "previous-recipe", "no-elastic", "no-border", "same-padding")
+VARIANTS = ("unet", "monai", "cellpose", "float32", "previous-recipe", "no-elastic", "no-border", "same-padding")
 #: Ablations and the one thing each changes (``configs/ablation-<name>.toml``).
 ABLATIONS = {
     "float32": "float32 eager, contiguous memory (the CPU default before bfloat16 and channels-last)",
@@ -33,7 +33,10 @@ ABLATIONS = {
     "no-border": "no border term of the weight map (`w0 = 0`)",
     "same-padding": 'same padding (`padding = "same"`), tiled at the training tile, with its seams',
 }
-LABELS = {"unet": "biounet U-Net", "monai": "MONAI BasicUNet (peer)", **{k: f"U-Net, {k}" for k in ABLATIONS}}
+#: Peers: trained with their own code and recipe, not the U-Net's; Cellpose on nuclei only.
+PEERS = ("monai", "cellpose")
+NUCLEI_ONLY = ("cellpose",)
+LABELS = {"unet": "biounet U-Net", "monai": "MONAI BasicUNet (peer)", "cellpose": "Cellpose 3.1 (peer)", **{k: f"U-Net, {k}" for k in ABLATIONS}}
 N_FOLDS = 5
 #: The paper's ISBI 2012 scores (Ronneberger et al. 2015, Table 1), on the challenge's test set.
 PAPER_EM = {"warping_error": 0.000353, "rand_error": 0.0382, "pixel_error": 0.0611}
@@ -197,7 +200,11 @@ def nuclei_scores(
     ``seg`` (Cell Tracking Challenge SEG), ``f1`` and ``ap`` (object F1 and
     TP / (TP + FP + FN) at IoU > 0.5), ``touching`` and ``merged`` (:func:`merged_touching_pairs`).
     """
-    pred = labels_from_probabilities(probabilities, **(postprocess or {}))
+    return nuclei_label_scores(gt, labels_from_probabilities(probabilities, **(postprocess or {})))
+
+
+def nuclei_label_scores(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """:func:`nuclei_scores` of predicted instance labels (a peer's masks, e.g. Cellpose's)."""
     matching = match_objects(gt, pred, thresholds=(0.5,))
     touching, merged = merged_touching_pairs(gt, pred)
     return {

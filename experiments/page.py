@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from common import (
-    ABLATIONS, DATASETS, EM_DIR, EM_METRICS, LABELS, N_FOLDS, NUCLEI_DIR, NUCLEI_METRICS, PAPER_EM, VARIANTS,
+    ABLATIONS, DATASETS, EM_DIR, EM_METRICS, LABELS, N_FOLDS, NUCLEI_DIR, NUCLEI_METRICS, NUCLEI_ONLY, PAPER_EM, PEERS,
+    VARIANTS,
     markdown_table, mean_nuclei_scores, mean_spread, minutes,
 )  # fmt: skip
 
@@ -77,7 +78,7 @@ def _header(results: dict[str, Any]) -> list[str]:
                   "The numbers only show that the machinery runs end to end; they say nothing about U-Net.",
                   ""]  # fmt: skip
     elif meta["device"] == "cpu" and meta.get("minutes"):
-        lines += [f"> **CPU run at equal wall-clock.** Every model, biounet's and the peer's, trained for "
+        lines += [f"> **CPU run at equal wall-clock.** Every model, biounet's and the peers', trained for "
                   f"{meta['minutes']:g} minutes on the same {hw['cpu']} (the steps that fit were timed on each "
                   "model's first steps, then fixed; see *What ran*); the paper trained for 10 hours on a GPU. "
                   "Differences between rows of this size may be noise.", ""]  # fmt: skip
@@ -89,6 +90,8 @@ def _header(results: dict[str, Any]) -> list[str]:
                   ""]  # fmt: skip
     gpu = f"; GPU {hw['gpu']}" if "gpu" in hw else ""
     monai = f", MONAI {hw['monai']}" if "monai" in hw else ""
+    cellpose = results["nuclei"].get("cellpose", {}).get("peer", {}).get("cellpose")
+    monai += f", Cellpose {cellpose} (its own environment)" if cellpose else ""
     return lines + [
         "## How these numbers were made", "",
         f"- Command: `BIOUNET_DATA=<data folder> {meta['command']}`",
@@ -127,7 +130,8 @@ def _what_ran(results: dict[str, Any]) -> list[str]:
                   "(estimated from the longest model so far): " + ", ".join(f"`{s}`" for s in skipped) + ". Which "
                   "experiments fit the limit depends on the machine's speed; without `--time-limit` all run.",
                   ""]  # fmt: skip
-    absent = [f"`{d}/{v}`" for d in DATASETS for v in VARIANTS if v not in results[d] and f"{d}/{v}" not in skipped]
+    absent = [f"`{d}/{v}`" for d in DATASETS for v in VARIANTS
+              if v not in results[d] and f"{d}/{v}" not in skipped and (d == "nuclei" or v not in NUCLEI_ONLY)]
     if absent:
         lines += ["Not selected in this run (see `--datasets` and `--variants`): " + ", ".join(absent) + ".", ""]
     return lines
@@ -232,18 +236,30 @@ def _ablation_section(results: dict[str, Any]) -> list[str]:
 def _peer_section(results: dict[str, Any]) -> list[str]:
     same = ("the same wall-clock minutes on the same machine" if results["meta"].get("minutes")
             else "the same number of steps")  # fmt: skip
-    lines = ["## Same-budget peer: MONAI BasicUNet", "",
+    lines = ["## Same-budget peers: MONAI BasicUNet and Cellpose", "",
              "MONAI's `BasicUNet` (zero padding, instance norm, LeakyReLU; widths 16, 32, 64, 128, 256, 16: four "
              "poolings) trained the way MONAI users train it (`experiments/peer_monai.py`: 256 px crops in batches "
              "of 4, Adam at a constant 1e-4, float32) with MONAI's own augmentation (`RandSpatialCropd`, flips, "
              "`RandRotate90d`, `Rand2DElasticd`, intensity scaling, shifting and noise) and `DiceCELoss`, on the "
              f"same images, for {same}; predicted with `sliding_window_inference` (25 % overlap, Gaussian blending) "
-             "and scored by the same functions. No TTA on either row.", ""]  # fmt: skip
+             "and scored by the same functions. No TTA on any row.", ""]  # fmt: skip
+    cellpose = results["nuclei"].get("cellpose")
+    if cellpose:
+        peer = cellpose.get("peer", {})
+        lines += ["On the nuclei, Cellpose (`experiments/peer_cellpose.py`; Cellpose "
+                  f"{peer.get('cellpose', '–')} in its own environment) is trained from random weights with its own "
+                  "`train_seg` and its defaults (the `CPnet` of widths 32-256 with its style vector, flow and cell "
+                  "probability losses, AdamW at 0.005 with its warm-up and halvings, 224 px crops in batches of 8 "
+                  "with its rotation and rescaling, objects rescaled to 17 px, its nuclei models' size) on the same "
+                  f"luminance images, one batch per epoch, for {same} "
+                  f"({peer.get('epochs', '–')} batches; its flows and budget probes are not counted, as biounet's "
+                  "weight maps are not), and segmented by `CellposeModel.eval` with its default thresholds.",
+                  ""]  # fmt: skip
     for dataset in DATASETS:
-        if "monai" not in results[dataset]:
+        if not any(p in results[dataset] for p in PEERS):
             continue
         rows = []
-        for v in (v for v in ("unet", "monai") if v in results[dataset]):
+        for v in (v for v in ("unet", *PEERS) if v in results[dataset]):
             value = results[dataset][v]
             rows.append(em_row(LABELS[v], value, "plain") if dataset == "em" else nuclei_row(LABELS[v], value["plain"]))
         header = EM_HEADER if dataset == "em" else NUCLEI_HEADER
@@ -285,7 +301,7 @@ def results_page(results: dict[str, Any], page: Path, figures: dict[str, Path]) 
         lines += _nuclei_section(results["nuclei"]["unet"], results["meta"], rel.get("nuclei"))
     if any(v in results[d] for d in DATASETS for v in ABLATIONS):
         lines += _ablation_section(results)
-    if any("monai" in results[d] for d in DATASETS):
+    if any(p in results[d] for d in DATASETS for p in PEERS):
         lines += _peer_section(results)
     if results["meta"].get("select") and any("best" in r for r in _records(results["em"].get("unet", []))
                                               + _records(results["nuclei"].get("unet", []))):

@@ -11,8 +11,10 @@ Experiments (the data comes from ``$BIOUNET_DATA``):
 * **Ablations**, each changing one thing on the same folds (``configs/ablation-*.toml``):
   no elastic deformation, no border term (w0 = 0), same padding (tiled, with its seams).
   The TTA ablation is the with/without-TTA pair of the baseline.
-* **Same-budget peer**: MONAI ``BasicUNet`` with MONAI's augmentation and Dice-CE loss, on
-  the same folds and steps (``peer_monai.py``), scored by the same functions.
+* **Same-budget peers**: MONAI ``BasicUNet`` with MONAI's augmentation and Dice-CE loss, on
+  the same folds and budget (``peer_monai.py``), and on the nuclei Cellpose 3.1 trained from
+  scratch with its own training code (``peer_cellpose.py``, in its own ``.venv-cellpose``),
+  scored by the same functions.
 
 Every trained model lands in ``--out`` (default ``runs/reproduce``) with a ``record.json`` of
 its scores; a rerun with the same settings reuses them, so an interrupted run continues
@@ -68,8 +70,9 @@ import torch
 
 import common
 import page
+import peer_cellpose
 import peer_monai
-from common import ABLATIONS, DATASETS, EM_DIR, N_FOLDS, NUCLEI_DIR, VARIANTS
+from common import ABLATIONS, DATASETS, EM_DIR, N_FOLDS, NUCLEI_DIR, NUCLEI_ONLY, PEERS, VARIANTS
 from biounet.datasets import Sample, load_dataset
 from biounet.io import atomic_folder, atomic_write
 from biounet.model import UNet, load_model
@@ -154,6 +157,9 @@ def _key(job: Job, crop: int | None) -> dict[str, Any]:
     config = dataclasses.asdict(job.config)
     if job.variant == "monai":  # the peer ignores the U-Net's own fields (norm, w0, padding, ...)
         config = {name: config[name] for name in peer_monai.RECIPE_FIELDS}
+    elif job.variant == "cellpose":  # Cellpose's own recipe, and the budget and seed
+        config = {**{name: config[name] for name in peer_cellpose.RECIPE_FIELDS}, "cellpose": peer_cellpose.RECIPE,
+                  "version": peer_cellpose.VERSION}  # fmt: skip
     key = {
         "dataset": job.dataset, "variant": job.variant, "fold": job.fold, "crop": crop, "config": config,
         "train": [s.name for s in job.train], "test": [s.name for s in job.test], "val": [s.name for s in job.val],
@@ -186,7 +192,7 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
     if cached is not None:
         log.info("%s: reusing %s", job.name, record_path)
         return cached, True
-    resume = (job.variant != "monai" and (job.run_dir / "checkpoint.pt").is_file() and key_path.is_file()
+    resume = (job.variant not in PEERS and (job.run_dir / "checkpoint.pt").is_file() and key_path.is_file()
               and json.loads(key_path.read_text()) == key)  # fmt: skip
     if not resume:
         if job.run_dir.exists():
@@ -198,7 +204,13 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
              len(job.train), len(job.val))  # fmt: skip
     started = time.perf_counter()
     models: dict[str, Any] = {}
-    if job.variant == "monai":
+    masks: dict[str, np.ndarray] = {}
+    if job.variant == "cellpose":
+        masks, facts = peer_cellpose.train_and_segment(job.train, job.test, job.run_dir, steps=job.config.steps,
+                                                       minutes=job.config.minutes, seed=job.config.seed,
+                                                       threads=torch.get_num_threads())  # fmt: skip
+        parameters, steps_run, peer_facts = facts["parameters"], facts["steps"], facts
+    elif job.variant == "monai":
         net = peer_monai.train_peer(job.train, job.run_dir, job.config, device=device, progress=progress)
         parameters = peer_monai.count_parameters(net)
         steps_run = json.loads((job.run_dir / "peer.json").read_text())["steps"]
@@ -226,6 +238,13 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
     }  # fmt: skip
     if resume:  # train_seconds counts this invocation only
         record["resumed"] = True
+    if masks:  # Cellpose segments as it trains; its own clock for each part
+        record |= {"train_seconds": peer_facts["train_seconds"], "peer": peer_facts}
+        record["plain"] = [{"name": s.name, "category": job.categories.get(s.name, ""),
+                            **common.nuclei_label_scores(s.labels, masks[s.name])} for s in job.test]  # fmt: skip
+        record["score_seconds"] = time.perf_counter() - started - seconds
+        _write_json(record_path, record)
+        return record, False
     runs = {"plain": False, "tta": True} if job.variant == "unet" else {"plain": False}
     if "best" in models:
         runs["best"] = False
@@ -240,7 +259,7 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
             record[label] = [{"name": s.name, "category": job.categories.get(s.name, ""),
                               **common.nuclei_scores(s.labels, p, postprocess)}
                              for s, p in zip(job.test, probabilities, strict=True)]  # fmt: skip
-    if job.dataset == "em" and job.variant != "monai":
+    if job.dataset == "em" and job.variant not in PEERS:
         record["seam"] = seam_error(models["last"], job.test[0].image, job.config, device)
     record["score_seconds"] = time.perf_counter() - started - seconds
     _write_json(record_path, record)
@@ -276,13 +295,13 @@ def em_jobs(
         samples = [common.crop_sample(s, crop) for s in samples]
     blocks = common.contiguous_folds([s.name for s in samples], N_FOLDS)
     jobs = []
-    for variant in variants:
+    for variant in (v for v in variants if v not in NUCLEI_ONLY):
         for k in (ablation_folds if variant in ABLATIONS and ablation_folds is not None else folds):
             held = set(blocks[k])
             fit, val = held_out([s for s in samples if s.name not in held], select, seed=k)
             jobs.append(Job("em", variant, k, fit, tuple(s for s in samples if s.name in held),
                             make_config("em", variant), out / "em" / variant / f"fold{k}",
-                            val=() if variant == "monai" else val))  # fmt: skip
+                            val=() if variant in PEERS else val))  # fmt: skip
     return jobs
 
 
@@ -309,7 +328,7 @@ def nuclei_jobs(
     test_set = tuple(pick(i) for i in val_ids)
     fit, val = held_out([pick(i) for i in train_ids], select, seed=seed)
     return [Job("nuclei", variant, None, fit, test_set, make_config("nuclei", variant), out / "nuclei" / variant,
-                categories, val=() if variant == "monai" else val) for variant in variants]  # fmt: skip
+                categories, val=() if variant in PEERS else val) for variant in variants]  # fmt: skip
 
 
 def final_jobs(
@@ -383,7 +402,7 @@ def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> 
     at IoU 0.5. Weights are stored as float16 if float32 would exceed 25 MB.
     """
     def exact(record: dict[str, Any]) -> bool:
-        return record["key"]["variant"] != "monai" and record["key"]["config"]["padding"] == "valid"
+        return record["key"]["variant"] not in PEERS and record["key"]["config"]["padding"] == "valid"
 
     folds = {r["key"]["fold"] for r in results["em"].get("unet", [])}  # variants run on fewer folds do not compete
     em_variants = {v: recs for v, recs in results["em"].items()

@@ -252,6 +252,12 @@ def test_weights_of_the_wrong_kind_are_refused(tmp_path):
         load_model(folder)
 
 
+def test_the_same_weights_save_to_the_same_bytes(tmp_path):
+    model = UNet(depth=2, base_channels=2)
+    files = {(model.save(tmp_path / f"m{i}") / "weights.safetensors").read_bytes() for i in range(12)}
+    assert len(files) == 1  # with two metadata entries in a hash map, 12 equal files would be a 1 in 2048 chance
+
+
 def test_save_writes_the_model_folder_as_one_rename(tmp_path, monkeypatch):
     UNet(depth=1, base_channels=2).save(tmp_path / "m")
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}

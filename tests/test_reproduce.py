@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import common  # noqa: E402
 import page as page_module  # noqa: E402
+import peer_cellpose  # noqa: E402
 import reproduce  # noqa: E402
 
 from biounet.metrics import isbi_scores  # noqa: E402
@@ -98,6 +99,56 @@ def test_nuclei_scores_use_the_post_processing():
     assert common.nuclei_scores(gt, prob)["merged"] == 1
     split = common.nuclei_scores(gt, prob, {"split": "distance"})
     assert (split["merged"], split["f1"]) == (0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The Cellpose peer
+# --------------------------------------------------------------------------------------------
+needs_cellpose = pytest.mark.skipif(not peer_cellpose.PYTHON.is_file(),
+                                    reason="the Cellpose peer's environment is absent (make peers)")  # fmt: skip
+
+
+def test_label_scores_are_the_scores_of_the_labels_the_probabilities_give():
+    yy, xx = np.mgrid[:24, :40]
+    blob = ((yy - 12) ** 2 + (xx - 12) ** 2 < 81) | ((yy - 12) ** 2 + (xx - 27) ** 2 < 81)
+    gt = np.where(blob, np.where(xx < 20, 1, 2), 0).astype(np.int32)
+    halves = np.where(blob, np.where(xx < 19, 1, 2), 0).astype(np.int32)  # one column off the true cut
+    scores = common.nuclei_label_scores(gt, halves)
+    assert (scores["merged"], scores["f1"], scores["ap"], scores["touching"]) == (0, 1.0, 1.0, 1)
+    assert 0.9 < scores["seg"] < 1.0
+    prob = np.stack([~blob, blob]).astype(np.float32)
+    assert common.nuclei_label_scores(gt, blob.astype(np.int32)) == common.nuclei_scores(gt, prob)
+
+
+def test_cellpose_peer_without_its_environment_says_how_to_make_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(peer_cellpose, "PYTHON", tmp_path / "absent" / "bin" / "python")
+    with pytest.raises(RuntimeError, match="make .venv-cellpose"):
+        peer_cellpose.train_and_segment([], [], tmp_path, steps=1, minutes=None, seed=0, threads=1)
+
+
+@pytest.mark.slow
+@needs_cellpose
+def test_cellpose_peer_trains_from_scratch_and_segments(tmp_path):
+    from biounet.datasets import make_sample, synthetic_cells
+
+    samples = [make_sample(i, lab, name=f"s{k}") for k, (i, lab) in enumerate(synthetic_cells(3, (96, 96), seed=1))]
+    masks, facts = peer_cellpose.train_and_segment(samples[:2], samples[2:], tmp_path, steps=2, minutes=None,
+                                                   seed=0, threads=1)  # fmt: skip
+    assert set(masks) == {"s2"} and masks["s2"].shape == (96, 96) and masks["s2"].dtype == np.int32
+    assert (facts["epochs"], facts["steps"], facts["cellpose"]) == (2, 2, peer_cellpose.VERSION)
+    assert facts["parameters"] > 6_000_000  # its default CPnet, not a stand-in
+    assert (tmp_path / "models" / "peer").is_file()  # Cellpose's own weights file
+
+
+def test_cellpose_runs_on_nuclei_only(tmp_path):
+    config = reproduce.experiment_config("em", "unet", "fast", 2, [])
+    assert "cellpose" in common.NUCLEI_ONLY and "cellpose" in common.PEERS
+    results = {"em": {}, "nuclei": {}, "meta": {"skipped": [], "time_limit": None}}
+    text = "\n".join(page_module._what_ran(results))
+    assert "`nuclei/cellpose`" in text and "`em/cellpose`" not in text and "`em/monai`" in text
+    key = reproduce._key(reproduce.Job("nuclei", "cellpose", None, (), (), config, tmp_path), None)
+    assert key["config"]["cellpose"] == peer_cellpose.RECIPE and set(key["config"]) == {
+        *peer_cellpose.RECIPE_FIELDS, "cellpose", "version"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,12 +349,14 @@ def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
     command = [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--quick", "--out", str(tmp_path / "run"),
                "--results", str(page), "--figures", str(figures), "--threads", "2", "--select", "0.2",
                "--ship", str(tmp_path / "models"), "--ship-minutes", "0.03"]  # fmt: skip
+    if not peer_cellpose.PYTHON.is_file():  # its environment is made by `make peers` (CI does)
+        command += ["--variants", ",".join(v for v in reproduce.VARIANTS if v != "cellpose")]
     env = {**os.environ, "BIOUNET_DATA": str(data_dir)}
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     text = page.read_text()
     for heading in ("## How these numbers were made", "### What ran", "## ISBI 2012 EM: cross-validation",
-                    "## Touching nuclei", "## Ablations", "## Same-budget peer: MONAI BasicUNet",
+                    "## Touching nuclei", "## Ablations", "## Same-budget peers: MONAI BasicUNet and Cellpose",
                     "## Model selection: best against last"):  # fmt: skip
         assert heading in text, heading
     assert "Smoke run (`--quick`)" in text and "python experiments/reproduce.py --quick" in text
@@ -318,7 +371,8 @@ def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
         assert f"(images/{name})" in text
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["key"]["fold"] for r in results["em"]["unet"]] == [0, 1]
-    assert set(results["em"]) == set(reproduce.VARIANTS) == set(results["nuclei"])
+    variants = set(reproduce.VARIANTS) - ({"cellpose"} if not peer_cellpose.PYTHON.is_file() else set())
+    assert set(results["nuclei"]) == variants and set(results["em"]) == variants - set(common.NUCLEI_ONLY)
     assert set(results["em"]["unet"][0]["plain"]) == set(common.EM_METRICS)
     assert len(results["nuclei"]["unet"]["plain"]) == 3  # one validation image per category
     # the page's rows are the recorded scores, not placeholders

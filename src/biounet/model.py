@@ -442,7 +442,9 @@ class UNet(nn.Module):
 
         def write(weights: Path, config: Path) -> None:
             with atomic_write(weights) as tmp:
-                save_file(state, str(tmp), metadata={"format": "biounet", "version": str(FORMAT_VERSION)})
+                # one metadata entry: safetensors keeps them in a hash map, so two would be written in
+                # either order and the same weights would give files of different bytes and SHA-256
+                save_file(state, str(tmp), metadata={"format": "biounet"})
             document = {"format_version": FORMAT_VERSION, "architecture": self.config.to_dict(),
                         "weights_sha256": _sha256(weights), **self.info.to_dict()}  # fmt: skip
             with atomic_write(config) as tmp:
