@@ -24,18 +24,23 @@ from biounet.metrics import iou_per_class, isbi_scores, match_objects, seg_score
 EM_DIR, NUCLEI_DIR = "isbi2012-em", "dsb2018-nuclei"
 DATASETS = ("em", "nuclei")
 #: Variants in the order they run (most important first, for ``--time-limit``).
-VARIANTS = ("unet", "monai", "cellpose", "float32", "previous-recipe", "no-elastic", "no-border", "same-padding")
+VARIANTS = ("unet", "monai", "cellpose", "float32", "previous-recipe", "border-class", "no-elastic", "no-border",
+            "same-padding")
 #: Ablations and the one thing each changes (``configs/ablation-<name>.toml``).
 ABLATIONS = {
     "float32": "float32 eager, contiguous memory (the CPU default before bfloat16 and channels-last)",
     "previous-recipe": "the previous CPU recipe's net and tiles: 3 poolings, 204 px tiles in batches of 4",
+    "border-class": 'a third class for the cells\' outermost pixels; objects grow from the interiors (`target = '
+                    '"border"`, `split = "border"`)',
     "no-elastic": "no elastic deformation (`elastic_std = 0`)",
     "no-border": "no border term of the weight map (`w0 = 0`)",
     "same-padding": 'same padding (`padding = "same"`), tiled at the training tile, with its seams',
 }
-#: Peers: trained with their own code and recipe, not the U-Net's; Cellpose on nuclei only.
+#: Peers: trained with their own code and recipe, not the U-Net's.
 PEERS = ("monai", "cellpose")
-NUCLEI_ONLY = ("cellpose",)
+#: Variants for instance segmentation only: they run on the nuclei whenever selected (an
+#: ablation among them whatever ``--ablation-datasets`` says), never on the EM membranes.
+NUCLEI_ONLY = ("cellpose", "border-class")
 LABELS = {"unet": "biounet U-Net", "monai": "MONAI BasicUNet (peer)", "cellpose": "Cellpose 3.1 (peer)", **{k: f"U-Net, {k}" for k in ABLATIONS}}
 N_FOLDS = 5
 #: The paper's ISBI 2012 scores (Ronneberger et al. 2015, Table 1), on the challenge's test set.

@@ -152,9 +152,17 @@ def seam_error(model: UNet, image: np.ndarray, config: TrainConfig, device: str)
     return float(np.abs(whole[1] - tiled[1]).max())
 
 
+#: TrainConfig fields added after records were made: left out of a record's key at their
+#: default, so the records of runs that could not have set them stay valid.
+KEY_OMITS_AT_DEFAULT = {"target": "binary"}
+
+
 def _key(job: Job, crop: int | None) -> dict[str, Any]:
     """What makes a job's record: data, split and the recipe fields the job's model uses."""
     config = dataclasses.asdict(job.config)
+    for name, default in KEY_OMITS_AT_DEFAULT.items():
+        if config[name] == default:
+            del config[name]
     if job.variant == "monai":  # the peer ignores the U-Net's own fields (norm, w0, padding, ...)
         config = {name: config[name] for name in peer_monai.RECIPE_FIELDS}
     elif job.variant == "cellpose":  # Cellpose's own recipe, and the budget and seed
@@ -626,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs += em_jobs(args.data, variants, args.folds, make_config, args.out, crop, select=args.select,
                         ablation_folds=args.ablation_folds)  # fmt: skip
     if "nuclei" in args.datasets:
-        variants = [v for v in args.variants if v not in ABLATIONS or "nuclei" in args.ablation_datasets]
+        variants = [v for v in args.variants
+                    if v not in ABLATIONS or "nuclei" in args.ablation_datasets or v in NUCLEI_ONLY]
         jobs += nuclei_jobs(args.data, variants, make_config, args.out, fraction=args.val_fraction,
                             seed=args.split_seed, crop=crop, select=args.select)  # fmt: skip
     jobs.sort(key=lambda j: (VARIANTS.index(j.variant), DATASETS.index(j.dataset), j.fold or 0))

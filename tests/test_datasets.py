@@ -565,6 +565,33 @@ def test_target_and_weights_use_the_separating_lines():
     assert sample.n_instances == 2 and sample.labels[4, 6] == 2  # the instances themselves are kept
 
 
+def test_border_target_marks_each_cells_outermost_pixels_but_not_the_image_edge():
+    from biounet.datasets import TileDataset, make_sample
+
+    labels = np.zeros((10, 12), np.int32)
+    labels[1:7, 1:6], labels[1:7, 6:11] = 1, 2  # touching along column 6
+    labels[8:, 9:] = 3  # cut by the bottom and right edges
+    sample = make_sample(np.zeros((10, 12)), labels, name="three")
+    expected = np.array([
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 2, 2, 2, 2, 2, 0, 2, 2, 2, 2, 0],
+        [0, 2, 1, 1, 1, 2, 0, 2, 1, 1, 2, 0],
+        [0, 2, 1, 1, 1, 2, 0, 2, 1, 1, 2, 0],
+        [0, 2, 1, 1, 1, 2, 0, 2, 1, 1, 2, 0],
+        [0, 2, 1, 1, 1, 2, 0, 2, 1, 1, 2, 0],
+        [0, 2, 2, 2, 2, 2, 0, 2, 2, 2, 2, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 1, 1],
+    ], np.uint8)  # fmt: skip
+    np.testing.assert_array_equal(sample.class_target("border"), expected)
+    np.testing.assert_array_equal(sample.class_target("binary"), sample.target)
+    with pytest.raises(ValueError, match="'binary' or 'border'"):
+        sample.class_target("three")
+    tile = TileDataset([sample], 8, 8, kind="border", length=4, normalization=None)[0]
+    assert set(np.unique(tile.target.numpy())) <= {0, 1, 2} and 2 in set(np.unique(tile.target.numpy()))
+
+
 def test_a_file_for_a_folder_and_a_nan_image_name_the_path(tmp_path):
     from biounet.datasets import load_dataset, make_sample
 

@@ -198,7 +198,7 @@ def _saved_config(tmp_path: Path) -> tuple[Path, dict]:
     ({"postprocess": {"bogus": 1}}, "postprocess: unknown post-processing option.*'bogus'"),
     ({"postprocess": {"threshold": "high"}}, "postprocess: post-processing option threshold must be a number"),
     ({"postprocess": {"threshold": 1.5}}, r"postprocess: threshold must be in \[0, 1\)"),
-    ({"postprocess": {"split": "watershed"}}, "split must be 'none', 'distance' or 'probability'"),
+    ({"postprocess": {"split": "watershed"}}, "split must be one of 'none', 'distance', 'probability', 'border'"),
     ({"postprocess": {"min_size": True}}, "min_size must be an integer, got True"),
     ({"postprocess": []}, "postprocess must be a JSON object"),
     ({"normalization": [5]}, r"normalization must be null or \[low, high\] percentiles, got \[5\]"),

@@ -75,6 +75,37 @@ def test_probability_split_follows_the_valley_between_cores():
     assert labels[20, 26] == labels[20, 18] and labels[20, 28] == labels[20, 36]  # valley at x = 27
 
 
+def test_border_split_grows_the_interiors_of_a_three_class_map():
+    from biounet.inference import labels_from_probabilities
+    from biounet.postprocess import foreground_probability
+
+    # two squares that touch along x = 10: interiors 2..7 and 12..17, border pixels around them
+    cells = np.zeros((12, 20), bool)
+    cells[1:11, 1:19] = True
+    interior = np.zeros_like(cells)
+    interior[2:10, 2:9], interior[2:10, 12:18] = True, True
+    prob = np.zeros((3, *cells.shape), np.float32)
+    prob[0] = np.where(cells, 0.1, 0.9)
+    prob[1] = np.where(interior, 0.8, 0.1 * cells)
+    prob[2] = 1 - prob[0] - prob[1]
+    foreground = foreground_probability(prob)
+    np.testing.assert_allclose(foreground, prob[1] + prob[2], atol=1e-6)
+    assert probabilities_to_labels(foreground).max() == 1  # one blob without the border class
+    labels = labels_from_probabilities(prob, split="border")
+    assert labels.max() == 2 and labels[5, 5] != labels[5, 15]
+    assert (labels > 0).sum() == cells.sum()  # the border pixels are shared out, none lost
+    left = labels == labels[5, 5]
+    assert left[1:11, 1:9].all() and not left[:, 12:].any()  # each interior's own border goes with it
+    with pytest.raises(ValueError, match='split="border" needs the interior'):
+        probabilities_to_labels(foreground, split="border")
+    with pytest.raises(ValueError, match="only it takes one"):
+        probabilities_to_labels(foreground, interior=prob[1])
+    with pytest.raises(ValueError, match="3 classes of a border model"):
+        labels_from_probabilities(prob[:2], split="border")
+    with pytest.raises(ValueError, match="shape"):
+        probabilities_to_labels(foreground, split="border", interior=prob[1, :5])
+
+
 def test_unseeded_objects_keep_a_label():
     prob = np.zeros((20, 30))
     prob[5:15, 2:12] = 0.95  # a core above the seed threshold

@@ -140,6 +140,15 @@ def test_cellpose_peer_trains_from_scratch_and_segments(tmp_path):
     assert (tmp_path / "models" / "peer").is_file()  # Cellpose's own weights file
 
 
+def test_fields_added_later_are_left_out_of_the_key_at_their_default(tmp_path):
+    base = reproduce.Job("nuclei", "unet", None, (), (), reproduce.experiment_config("nuclei", "unet", "fast", 2, []),
+                         tmp_path)  # fmt: skip
+    border = dataclasses.replace(base, variant="border-class",
+                                 config=reproduce.experiment_config("nuclei", "border-class", "fast", 2, []))
+    assert "target" not in reproduce._key(base, None)["config"]  # the records made before the field stay valid
+    assert reproduce._key(border, None)["config"]["target"] == "border"
+
+
 def test_cellpose_runs_on_nuclei_only(tmp_path):
     config = reproduce.experiment_config("em", "unet", "fast", 2, [])
     assert "cellpose" in common.NUCLEI_ONLY and "cellpose" in common.PEERS
@@ -218,7 +227,7 @@ def test_each_ablation_changes_exactly_one_field(dataset, variant):
     changed = {k for k in base if base[k] != ablated[k]}
     assert changed == {"no-elastic": {"elastic_std"}, "no-border": {"w0"}, "same-padding": {"padding"},
                        "float32": {"precision", "channels_last"},
-                       "previous-recipe": {"depth", "tile", "batch_size"}}[variant]
+                       "previous-recipe": {"depth", "tile", "batch_size"}, "border-class": {"target", "split"}}[variant]
     assert base["steps"] == 50 and base["base_channels"] == 16
 
 

@@ -110,7 +110,7 @@ def test_min_size_is_stored_as_post_processing_and_validated():
     assert cfg.postprocess == {"split": "distance", "min_size": 12}
     with pytest.raises(ValueError, match="min_size must be an integer >= 0"):
         TrainConfig.preset("fast", min_size=-1)
-    with pytest.raises(ValueError, match="split must be one of 'none', 'distance', 'probability', got 'watershed'"):
+    with pytest.raises(ValueError, match="split must be one of 'none', 'distance', 'probability', 'border', got 'watershed'"):
         TrainConfig.preset("fast").updated(["split=watershed"])
 
 
@@ -420,6 +420,27 @@ def test_luminance_recipe_trains_on_rgb_and_the_model_converts_rgb(tmp_path):
     with pytest.raises(ValueError, match="takes 3 channels"):  # a kept-colour recipe has 3 input channels
         predict(train(rgb, tmp_path / "keep", dataclasses.replace(config, color="keep"), progress=False), image[..., 0],
                 channel_axis=None, progress=False)  # fmt: skip
+
+
+def test_border_recipe_trains_three_classes_and_its_model_makes_instances(tmp_path):
+    from biounet import predict
+    from biounet.inference import labels_from_probabilities
+    from biounet.model import load_model
+
+    with pytest.raises(ValueError, match='target = "border" and split = "border" go together'):
+        TrainConfig.preset("fast", target="border")
+    with pytest.raises(ValueError, match='go together'):
+        TrainConfig.preset("fast", split="border")
+    samples = _tiny_samples(3)
+    config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=3, val_every=3,
+                                target="border", split="border")  # fmt: skip
+    train(samples[:2], tmp_path / "run", config, val_samples=samples[2:], progress=False)
+    model = load_model(tmp_path / "run" / "last")
+    assert model.config.num_classes == 3 and model.info.class_names == ("background", "interior", "border")
+    assert model.info.postprocess["split"] == "border"
+    prob = predict(model, samples[2].image, progress=False)
+    labels = labels_from_probabilities(prob, **model.info.postprocess)
+    assert prob.shape == (3, *samples[2].image.shape) and labels.shape == samples[2].image.shape
 
 
 def test_resume_with_another_recipe_is_refused_and_the_run_stays_resumable(tmp_path):

@@ -21,6 +21,10 @@ border weight map of the paper needs objects, and derives the *class target* fro
 objects that touch (:func:`separate_touching`), as in the paper's annotations (Fig. 3),
 so that a 2-class network can learn to keep touching cells apart. The weight map is
 computed on these separated objects, so the separating lines carry the high border weights.
+The 3-class ``"border"`` target (:meth:`Sample.class_target`) also marks each object's
+outermost pixels as class 2, so that a network can learn cell interiors that stay apart
+where touching cells meet (Caicedo et al. 2019 compare it with the 2-class target on
+nuclei).
 Stored label images are read as one of two :class:`LabelFormat` kinds:
 
 * ``"instances"``: any non-negative integers, one value per object (relabelled to 1..N);
@@ -38,6 +42,8 @@ References
 ----------
 O. Ronneberger, P. Fischer, T. Brox. U-Net: Convolutional Networks for Biomedical Image
 Segmentation. MICCAI 2015. arXiv:1505.04597.
+J. C. Caicedo et al. Evaluation of Deep Learning Strategies for Nucleus Segmentation in
+Fluorescence Images. Cytometry A 95, 952-965 (2019).
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ Layout = Literal["auto", "folders", "isbi", "ctc"]
 Style = Literal["fluorescence", "phase"]
 Pick = Literal["images", "pixels"]
 TargetWindow = Literal["output", "input"]
+TargetKind = Literal["binary", "border"]
 
 
 # ============================================================================================
@@ -146,7 +153,24 @@ class Sample:
     @property
     def target(self) -> np.ndarray:
         """``(H, W)`` uint8 class target: 0 = background/membrane and lines between touching cells, 1 = cell."""
-        return (self.separated > 0).astype(np.uint8)
+        return self.class_target("binary")
+
+    def class_target(self, kind: TargetKind = "binary") -> np.ndarray:
+        """``(H, W)`` uint8 class target of ``kind``.
+
+        ``"binary"``: :attr:`target`. ``"border"``: 0 = background (and the lines between
+        touching cells), 1 = cell interior, 2 = cell border, the pixels of a separated object
+        with a face neighbour outside it; the image edge is no border (a cell cut by it
+        stays interior there). Touching cells thus meet in border, line, border, and their
+        interiors are at least 3 px apart.
+        """
+        if kind not in ("binary", "border"):
+            raise ValueError(f"target kind must be 'binary' or 'border', got {kind!r}")
+        cells = self.separated > 0
+        if kind == "binary":
+            return cells.astype(np.uint8)
+        interior = ndi.binary_erosion(cells, ndi.generate_binary_structure(2, 1), border_value=1)
+        return np.where(interior, 1, np.where(cells, 2, 0)).astype(np.uint8)
 
     @property
     def n_instances(self) -> int:
@@ -635,6 +659,9 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
         Target and weight tiles of the output size, or of the input size (zero outside the
         image) so that an augmentation can warp them with the image and crop the centre;
         the output window is drawn as above either way.
+    kind : {"binary", "border"}
+        The class target (:meth:`Sample.class_target`): background and cell, or background,
+        cell interior and cell border.
     length : int
         Items per epoch.
     seed : int
@@ -668,6 +695,7 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
         output_size: int | tuple[int, int],
         *,
         targets: TargetWindow = "output",
+        kind: TargetKind = "binary",
         length: int = 1000,
         seed: int = 0,
         pick: Pick = "images",
@@ -694,7 +722,7 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
         self.output_size, self.halo = out, ((inp[0] - out[0]) // 2, (inp[1] - out[1]) // 2)
         self.targets, self.length, self.seed, self.epoch = targets, length, seed, 0
         self._images = [_channels_first(s.image, normalization) for s in samples]
-        self._targets = [s.target for s in samples]
+        self._targets = [s.class_target(kind) for s in samples]
         self._weights = [
             np.asarray(weight_fn(s.separated), dtype=np.float32)
             for s in tqdm(samples, desc="weight maps", disable=not progress)
@@ -719,7 +747,7 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
         image, target, weight = extract_tile(
             self._images[k], self._targets[k], self._weights[k], corner, self.output_size, self.halo, self.targets
         )
-        target = torch.from_numpy(target.astype(np.uint8, copy=False))  # 0/1: 8x less to copy, no range check
+        target = torch.from_numpy(target.astype(np.uint8, copy=False))  # classes: 8x less to copy, no range check
         return Tile(torch.from_numpy(image), target, torch.from_numpy(weight))
 
 

@@ -105,15 +105,22 @@ def model_items_of(
 
 
 def labels_from_probabilities(prob: np.ndarray, **postprocess: Any) -> np.ndarray:
-    """Instance labels (2 classes) or the arg-max class map (more classes) of (C, *spatial) probabilities.
+    """Instance labels (2 classes, or 3 with ``split="border"``) or the arg-max class map of (C, *spatial) probabilities.
 
     For 2 classes the foreground probability goes through
     :func:`biounet.postprocess.probabilities_to_labels` with ``postprocess`` (a model carries
-    its own in ``model.info.postprocess``, e.g. ``{"split": "distance"}``).
+    its own in ``model.info.postprocess``, e.g. ``{"split": "distance"}``); a 3-class
+    (background, interior, border) model with ``split="border"`` gives it the foreground
+    ``1 - prob[0]`` and its interior ``prob[1]`` as seeds. Other class counts give the
+    arg-max class map.
     """
-    if prob.shape[0] == 2:
-        from biounet.postprocess import probabilities_to_labels
+    from biounet.postprocess import foreground_probability, probabilities_to_labels
 
+    if postprocess.get("split") == "border":
+        if prob.shape[0] != 3:
+            raise ValueError(f'split="border" needs the 3 classes of a border model, got {prob.shape[0]}')
+        return probabilities_to_labels(foreground_probability(prob), interior=prob[1], **postprocess)
+    if prob.shape[0] == 2:
         return probabilities_to_labels(prob[1], **postprocess)
     return np.argmax(prob, axis=0).astype(np.uint16)
 

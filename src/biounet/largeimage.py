@@ -741,14 +741,16 @@ def predict_to_zarr(
         prob = prob.transpose(1, 0, *range(2, prob.ndim))
         prob_axes, label_axes = [("c", "channel"), ("z", "space"), *space], [("z", "space"), *space]
     class_axis = prob_axes.index(("c", "channel"))
-    if config.num_classes == 2:
-        postprocess = model.info.postprocess
+    postprocess = model.info.postprocess
+    if config.num_classes == 2 or postprocess.get("split") == "border":
         skipped = {k: v for k, v in postprocess.items() if k != "threshold" and v not in (None, 0, "none")}
         if skipped:  # splitting and size filtering need whole objects, which chunks do not have
             log.warning("%s: streamed labels are the connected components of p > threshold; the model's "
                         "post-processing %s is not applied to them (it is to in-memory predictions)",
                         stem, skipped)  # fmt: skip
-        labels = prob[(slice(None),) * class_axis + (1,)] > postprocess.get("threshold", FOREGROUND_THRESHOLD)
+        index = (slice(None),) * class_axis
+        foreground = prob[index + (1,)] if config.num_classes == 2 else 1 - prob[index + (0,)]  # interior + border
+        labels = foreground > postprocess.get("threshold", FOREGROUND_THRESHOLD)
     else:
         labels = prob.argmax(axis=class_axis).astype(np.uint16)
 

@@ -21,7 +21,8 @@ from skimage.segmentation import relabel_sequential, watershed
 
 log = logging.getLogger(__name__)
 
-Split = Literal["none", "distance", "probability"]
+Split = Literal["none", "distance", "probability", "border"]
+SPLITS: tuple[str, ...] = ("none", "distance", "probability", "border")
 
 
 def probabilities_to_labels(
@@ -33,6 +34,7 @@ def probabilities_to_labels(
     min_seed_height: float = 2.0,
     min_size: int = 0,
     connectivity: int = 1,
+    interior: np.ndarray | None = None,
 ) -> np.ndarray:
     """Instance labels of the objects in a foreground probability map.
 
@@ -49,7 +51,12 @@ def probabilities_to_labels(
          negated distance, so round objects joined by a narrower neck are cut there;
        * ``"probability"``: the seeds are the connected regions of
          ``prob > seed_threshold`` (confident object cores), flooded on ``-prob``, so the
-         cut follows the valley of the probability between cores.
+         cut follows the valley of the probability between cores;
+       * ``"border"``: for a 3-class model (background, cell interior, cell border;
+         :meth:`biounet.datasets.Sample.class_target`), ``prob`` is the foreground
+         (interior + border) and ``interior`` the interior probability; the seeds are the
+         connected regions of ``interior > threshold``, flooded on ``-interior``, so
+         touching cells part along the border class between their interiors.
 
        A component without a seed keeps its own label.
     3. Objects smaller than ``min_size`` pixels are removed; labels are renumbered
@@ -61,7 +68,7 @@ def probabilities_to_labels(
         Probability of the foreground class, in [0, 1] (e.g. ``biounet.predict(...)[1]``).
     threshold : float
         Foreground threshold, in [0, 1).
-    split : {"none", "distance", "probability"}
+    split : {"none", "distance", "probability", "border"}
         How to separate touching objects; default none.
     seed_threshold : float
         Core threshold for ``split="probability"``, in (threshold, 1).
@@ -72,6 +79,9 @@ def probabilities_to_labels(
         Smallest object kept, in pixels (0 keeps all).
     connectivity : int
         1 (face neighbours) up to ``prob.ndim`` (all neighbours).
+    interior : ndarray, optional
+        The cell-interior probability, the shape of ``prob``; required by ``split="border"``
+        and only used by it.
 
     Returns
     -------
@@ -93,13 +103,22 @@ def probabilities_to_labels(
                            min_seed_height=min_seed_height, min_size=min_size, connectivity=connectivity))  # fmt: skip
     if not 1 <= connectivity <= prob.ndim:
         raise ValueError(f"connectivity must be in 1..{prob.ndim} for a {prob.ndim}D map, got {connectivity}")
+    if (split == "border") != (interior is not None):
+        raise ValueError('split="border" needs the interior probability of a 3-class model (interior=...), and '
+                         f"only it takes one; got split={split!r} with{'out' if interior is None else ''} interior")
+    if interior is not None:
+        interior = np.asarray(interior)
+        if interior.shape != prob.shape or interior.dtype.kind not in "biuf":
+            raise ValueError(f"interior must be a real map of prob's shape {prob.shape}, got {interior.dtype} "
+                             f"{interior.shape}")  # fmt: skip
 
     structure = ndimage.generate_binary_structure(prob.ndim, connectivity)
     foreground = prob > threshold
     if split == "none":
         labels, _ = ndimage.label(foreground, structure)
     else:
-        labels = _split_touching(prob, foreground, split, seed_threshold, min_seed_height, structure)
+        labels = _split_touching(prob, foreground, split, seed_threshold, min_seed_height, structure, interior,
+                                 threshold)  # fmt: skip
     if min_size > 1:
         sizes = np.bincount(labels.ravel())
         labels[sizes[labels] < min_size] = 0
@@ -117,7 +136,7 @@ OPTIONS: dict[str, type] = {
 
 #: The defaults of :func:`probabilities_to_labels`, read from its signature.
 DEFAULTS: dict[str, Any] = {name: p.default for name, p in inspect.signature(probabilities_to_labels).parameters.items()
-                            if p.kind is inspect.Parameter.KEYWORD_ONLY}  # fmt: skip
+                            if p.kind is inspect.Parameter.KEYWORD_ONLY and name in OPTIONS}  # fmt: skip
 
 
 def check_postprocess(options: dict[str, Any]) -> dict[str, Any]:
@@ -142,8 +161,8 @@ def check_postprocess(options: dict[str, Any]) -> dict[str, Any]:
     o = {**DEFAULTS, **options}
     if not 0.0 <= o["threshold"] < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {o['threshold']}")
-    if o["split"] not in ("none", "distance", "probability"):
-        raise ValueError(f"split must be 'none', 'distance' or 'probability', got {o['split']!r}")
+    if o["split"] not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}, got {o['split']!r}")
     if o["split"] == "probability" and not o["threshold"] < o["seed_threshold"] < 1.0:
         raise ValueError(f"seed_threshold must be in (threshold={o['threshold']}, 1), got {o['seed_threshold']}")
     if o["split"] == "distance" and o["min_seed_height"] <= 0:
@@ -162,8 +181,14 @@ def _split_touching(
     seed_threshold: float,
     min_seed_height: float,
     structure: np.ndarray,
+    interior: np.ndarray | None,
+    threshold: float,
 ) -> np.ndarray:
-    if split == "distance":
+    if split == "border":
+        seeds = (interior > threshold) & foreground
+        seed_structure = structure
+        relief = -interior.astype(np.float64)
+    elif split == "distance":
         distance = ndimage.distance_transform_edt(foreground)
         # regional maxima of the h-maxima transform: one seed per maximum of dynamic > h. A
         # maximum is a plateau connected through corners too (the reconstruction and
@@ -182,3 +207,15 @@ def _split_touching(
     unseeded, _ = ndimage.label(foreground & (labels == 0), structure)
     labels[unseeded > 0] = unseeded[unseeded > 0] + n_seeds
     return labels
+
+
+def foreground_probability(prob: np.ndarray) -> np.ndarray:
+    """The probability of "not background" of ``(C, *spatial)`` class probabilities.
+
+    Class 1 for a 2-class model (exactly the value it predicts), else ``1 - prob[0]``: the
+    interior plus the border of a 3-class ``"border"`` model.
+    """
+    prob = np.asarray(prob)
+    if prob.ndim < 2 or prob.shape[0] < 2:
+        raise ValueError(f"need (classes >= 2, *spatial) probabilities, got shape {prob.shape}")
+    return prob[1] if prob.shape[0] == 2 else 1.0 - prob[0]

@@ -79,7 +79,9 @@ class TrainConfig:
     ``best`` model: ``"v_rand"`` (ISBI 2012, for membrane models), ``"ap"`` (object AP at
     IoU 0.5, for instance models) or ``"iou"`` (foreground IoU). ``color = "luminance"``
     trains on the luminance of colour images and makes the model convert colour inputs the
-    same way at prediction.
+    same way at prediction. ``target = "border"`` trains 3 classes (background, cell
+    interior, cell border: :meth:`biounet.datasets.Sample.class_target`) instead of the
+    paper's 2, and goes with ``split = "border"``: objects grow from the interiors.
     """
 
     # network
@@ -97,6 +99,7 @@ class TrainConfig:
     augment: bool = True
     elastic_std: float = 10.0
     elastic_grid: int = 3
+    target: Literal["binary", "border"] = "binary"
     # optimisation
     optimizer: Optimizer = "sgd"
     lr: float = 0.01
@@ -106,7 +109,7 @@ class TrainConfig:
     warmup: int = 50
     steps: int = 10_000
     dice: float = 0.0
-    split: Literal["none", "distance", "probability"] = "none"
+    split: Literal["none", "distance", "probability", "border"] = "none"
     min_size: int = 0
     # bookkeeping
     val_every: int = 500
@@ -132,8 +135,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("constant", "poly", "cosine"):
             raise ValueError(f"TrainConfig.schedule must be 'constant', 'poly' or 'cosine', got {self.schedule!r}")
-        if self.split not in ("none", "distance", "probability"):
-            raise ValueError(f"TrainConfig.split must be 'none', 'distance' or 'probability', got {self.split!r}")
+        if self.split not in ("none", "distance", "probability", "border"):
+            raise ValueError(f"TrainConfig.split must be 'none', 'distance', 'probability' or 'border', got {self.split!r}")
+        if (self.target == "border") != (self.split == "border"):
+            raise ValueError(f'TrainConfig: target = "border" and split = "border" go together (the interiors of the '
+                             f"3-class target seed the objects); got target = {self.target!r}, split = {self.split!r}")
         if not isinstance(self.min_size, int) or self.min_size < 0:
             raise ValueError(f"TrainConfig.min_size must be an integer >= 0, got {self.min_size!r}")
         if not self.lr > 0:
@@ -351,10 +357,11 @@ def train_steps(
         tile = tile if isinstance(tile, int) else auto_tile(config, samples, device_, in_channels)
         config = dataclasses.replace(config, tile=_from_rank0(tile, world))
         log.info("training tile: %d px, the largest valid tile that the data and memory allow", config.tile)
-    info = ModelInfo(normalization=config.normalization, class_names=("background", "cell"),
+    class_names = ("background", "cell") if config.target == "binary" else ("background", "interior", "border")
+    info = ModelInfo(normalization=config.normalization, class_names=class_names,
                      postprocess=config.postprocess, color=config.color,
                      provenance={"recipe": dataclasses.asdict(config), "data": _names(samples)})  # fmt: skip
-    model = config.model(in_channels, 2, info).to(device_)
+    model = config.model(in_channels, len(class_names), info).to(device_)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     tile_in = model.config.valid_input_size(config.tile)
@@ -369,7 +376,7 @@ def train_steps(
     # ---- data: labels and weights the size of the input, so they can be warped with the image --
     # a time budget fixes the number of steps later; the draws depend on the item index only
     tiles = TileDataset(
-        samples, tile_in, tile_out, targets="input", length=(config.steps if config.minutes is None else 10**9) * config.batch_size,
+        samples, tile_in, tile_out, targets="input", kind=config.target, length=(config.steps if config.minutes is None else 10**9) * config.batch_size,
         seed=config.seed * 1000 + rank,
         normalization=config.normalization,
         weight_fn=lambda labels: weight_map(labels, w0=config.w0, sigma=config.sigma),
@@ -620,7 +627,7 @@ def evaluate_samples(
 ) -> dict[str, float]:
     """Validation scores of ``model`` on annotated samples (:data:`VALIDATION_SCORES`).
 
-    * ``pixel_error`` and ``iou``: misclassified pixels and foreground IoU of ``p(cell) > 0.5``,
+    * ``pixel_error`` and ``iou``: misclassified pixels and foreground IoU of ``p(not background) > 0.5``,
       pixels pooled over the samples;
     * ``f1`` and ``ap``: object F1 and AP = TP / (TP + FP + FN) at IoU 0.5 (DSB 2018) of the
       instances that the model's own post-processing makes, mean over the samples;
@@ -635,6 +642,7 @@ def evaluate_samples(
     """
     from biounet.inference import labels_from_probabilities
     from biounet.metrics import isbi_scores, match_objects
+    from biounet.postprocess import foreground_probability
     from biounet.tiling import predict
 
     device = device if device is not None else next(model.parameters()).device
@@ -643,7 +651,8 @@ def evaluate_samples(
     for sample in samples:
         channel_axis = None if sample.image.ndim == 2 else -1
         prob = predict(model, sample.image, channel_axis=channel_axis, device=device, progress=False)
-        fg, truth = prob[1] > 0.5, sample.labels > 0
+        foreground = foreground_probability(prob)
+        fg, truth = foreground > 0.5, sample.labels > 0
         wrong += int(np.count_nonzero(fg != truth))
         total += truth.size
         inter += int(np.count_nonzero(fg & truth))
@@ -653,7 +662,7 @@ def evaluate_samples(
         f1.append(matching.f1[0])
         ap.append(matching.average_precision[0])
         if v_rand and truth.any():  # V_rand is undefined without foreground
-            rands.append(isbi_scores(prob[1], sample.labels, warping=False).v_rand)
+            rands.append(isbi_scores(foreground, sample.labels, warping=False).v_rand)
     rand = float(np.max(np.mean(rands, axis=0))) if rands else math.nan
     return {"pixel_error": wrong / total, "iou": inter / max(union, 1), "f1": float(np.mean(f1)),
             "ap": float(np.mean(ap)), "v_rand": rand}  # fmt: skip
