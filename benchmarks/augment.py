@@ -17,7 +17,7 @@ from importlib.metadata import version
 import numpy as np
 import torch
 
-from biounet.augment import AugmentConfig, augment_batch
+from biounet.data import AugmentConfig, augment_batch
 
 SIZE = 512
 ELASTIC_ONLY = AugmentConfig(

@@ -14,7 +14,7 @@ Three parts, each printing a Markdown table (all in one run by default):
     paper net): the "bare" forward pass of one large tile (700 px input, batch 1, input
     ready: the convolution throughput ceiling) in channels-last (as ``biounet.predict``
     runs it) and channels-first memory format; ``biounet.predict`` at batch sizes 1 and 4
-    and in bfloat16; the out-of-core path (``biounet.largeimage.predict_dask``, 1024 px
+    and in bfloat16; the out-of-core path (``biounet.prediction.predict_dask``, 1024 px
     chunks, local threads); MONAI's ``sliding_window_inference`` (roi 512, overlap 0.25,
     Gaussian blending) with ``BasicUNet`` of the same widths, as is (channels-first,
     sw_batch_size 4, as in ``benchmarks/predict.py``) and channels-last (sw_batch_size 1
@@ -29,7 +29,7 @@ Three parts, each printing a Markdown table (all in one run by default):
 ``memory``
     Out-of-core prediction of synthetic uint8 Zarr images (``--memory-sizes``, e.g. 20000)
     with a narrow U-Net (``--narrow-depth`` 3, ``--narrow-width`` 8), writing probabilities
-    and labels to OME-Zarr with :func:`biounet.largeimage.predict_to_zarr`, each in a fresh
+    and labels to OME-Zarr with :func:`biounet.prediction.predict_to_zarr`, each in a fresh
     process whose peak resident memory (VmHWM) is reported; for sizes up to
     ``--in-memory-up-to`` the in-memory ``biounet.predict`` of the same image (with TIFF
     outputs, as ``biounet predict`` writes them) is measured the same way, for comparison.
@@ -71,8 +71,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import biounet
-from biounet.largeimage import predict_dask, predict_to_zarr
-from biounet.tiling import plan_tiles, tile_input_shapes, tiling_efficiency
+from biounet.prediction import predict_dask, predict_to_zarr
+from biounet.prediction import plan_tiles, tile_input_shapes, tiling_efficiency
 
 PAPER_TILE = 572
 MONAI_ROI, MONAI_OVERLAP = 512, 0.25
@@ -303,7 +303,7 @@ def child(args: argparse.Namespace) -> int:
     """Predict one Zarr image in this (fresh) process; print seconds and peak RSS as JSON."""
     import zarr
 
-    from biounet.largeimage import open_image
+    from biounet.io import open_image
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(0)
@@ -315,7 +315,7 @@ def child(args: argparse.Namespace) -> int:
         items = source.array[None, None]
         predict_to_zarr(model, items, Path(args.child_output), "image", chunk=args.chunk, batch_size=1, progress=False)
     else:
-        from biounet.inference import labels_from_probabilities
+        from biounet.postprocess import labels_from_probabilities
 
         image = zarr.open_array(args.child_input, mode="r")[:]
         prob = biounet.predict(model, image, batch_size=1, progress=False)

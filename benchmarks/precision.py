@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import common  # noqa: E402
 
-from biounet.datasets import load_dataset, synthetic_cells  # noqa: E402
+from biounet.data import load_dataset, synthetic_cells  # noqa: E402
 from biounet.model import load_model  # noqa: E402
-from biounet.tiling import predict  # noqa: E402
+from biounet.prediction import predict  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 

@@ -6,7 +6,7 @@ Measures in one run, on one device, for the paper U-Net (``biounet.UNet()``: dep
 * ``biounet.predict`` on square random images (default 512 and 1024 px on the CPU; 512,
   2048 and 8192 px on a GPU): seconds per image, output megapixels per second, the tile
   layout and its tiling efficiency (useful over computed output pixels,
-  :func:`biounet.tiling.tiling_efficiency`), GFLOP per image and the achieved GFLOP/s;
+  :func:`biounet.prediction.tiling_efficiency`), GFLOP per image and the achieved GFLOP/s;
 * MONAI's ``sliding_window_inference`` (overlap 0.25, Gaussian blending, the same batch
   size) with ``BasicUNet`` of the same widths on the same images, with the same numbers.
   BasicUNet is *not* the paper net: its convolutions are zero-padded ("same"), it has
@@ -60,7 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import biounet
 from biounet.io import atomic_write
-from biounet.tiling import plan_tiles, tile_input_shapes, tiling_efficiency
+from biounet.prediction import plan_tiles, tile_input_shapes, tiling_efficiency
 
 #: Input tiles of the bare forward passes of the paper net (388 and 516 px outputs).
 BARE_TILES = (572, 700)

@@ -4,9 +4,9 @@ Measures in one run, on one device:
 
 * ``bare``: one optimiser step of the paper U-Net on a ready tile (572 px in, 388 px out,
   batch 1, weighted cross-entropy, SGD momentum 0.99), no data pipeline;
-* ``biounet, augmentation off``: the same step fed by :class:`biounet.datasets.TileDataset`
+* ``biounet, augmentation off``: the same step fed by :class:`biounet.data.TileDataset`
   (random tile, mirrored borders, precomputed weight map);
-* ``biounet, paper augmentation``: plus :func:`biounet.augment.augment_batch` (elastic 3x3
+* ``biounet, paper augmentation``: plus :func:`biounet.data.augment_batch` (elastic 3x3
   grid, 10 px, bicubic; rotation, flips, shift, gray values) on the device;
 * ``MONAI``: ``BasicUNet`` of the same widths, one 512 px tile, ``Rand2DElastic`` (same
   grid spacing and magnitude as far as MONAI's parameters allow) and ``DiceCELoss``.
@@ -46,11 +46,11 @@ import numpy as np
 import torch
 
 from biounet import UNet
-from biounet.augment import AugmentConfig, augment_batch
-from biounet.datasets import TileDataset, make_sample, synthetic_cells
-from biounet.losses import weighted_cross_entropy
+from biounet.data import AugmentConfig, augment_batch
+from biounet.data import TileDataset, make_sample, synthetic_cells
+from biounet.training import weighted_cross_entropy
 from biounet.model import ModelInfo
-from biounet.train import TrainConfig, make_optimizer
+from biounet.training import TrainConfig, make_optimizer
 
 
 def timed(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
@@ -118,8 +118,8 @@ def biounet_steps(args: argparse.Namespace, device: torch.device) -> dict[str, f
 
 def cpu_recipe_steps(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[float, int, int]]:
     """Seconds per step of the ``fast`` preset with its data pipeline, by configuration; tile in and out sides."""
-    from biounet.tiling import resolve_precision
-    from biounet.weights import weight_map
+    from biounet.prediction import resolve_precision
+    from biounet.data import weight_map
 
     config = TrainConfig.preset("fast")
     pairs = synthetic_cells(4, (512, 512), seed=0)

@@ -1,4 +1,4 @@
-"""Benchmark: biounet.weights.weight_map against the naive eq. 2 (one full distance transform per cell).
+"""Benchmark: biounet.data.weight_map against the naive eq. 2 (one full distance transform per cell).
 
 Run ``python benchmarks/weights.py``; with ``BIOUNET_DATA`` set it also times the 1024x1024
 brightfield DSB 2018 label image with the most nuclei. Prints a Markdown table.
@@ -18,7 +18,7 @@ import scipy
 from scipy import ndimage as ndi
 
 from biounet.io import read_image
-from biounet.weights import weight_map
+from biounet.data import weight_map
 
 
 def naive_weight_map(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> np.ndarray:

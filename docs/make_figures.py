@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from skimage.color import label2rgb
 
-from biounet.datasets import synthetic_cells
+from biounet.data import synthetic_cells
 from biounet.io import to_uint8, write_png
-from biounet.weights import render_weight_map, weight_map
+from biounet.data import render_weight_map, weight_map
 
 OUTPUT = Path(__file__).resolve().parent / "images" / "synthetic_sample.png"
 GAP = 4  # white pixels between panels

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from biounet.datasets import Sample, make_sample, read_manifest  # noqa: F401 (read_manifest: re-exported)
-from biounet.inference import labels_from_probabilities
+from biounet.data import Sample, make_sample, read_manifest  # noqa: F401 (read_manifest: re-exported)
+from biounet.postprocess import labels_from_probabilities
 from biounet.io import atomic_write, label_overlay, to_uint8
 from biounet.metrics import iou_per_class, isbi_scores, match_objects, seg_score
 
@@ -199,7 +199,7 @@ def nuclei_scores(
 ) -> dict[str, float]:
     """Scores of one image from its ``(2, H, W)`` class probabilities.
 
-    The objects come from :func:`biounet.inference.labels_from_probabilities` with
+    The objects come from :func:`biounet.postprocess.labels_from_probabilities` with
     ``postprocess`` (a model's ``info.postprocess``, e.g. ``{"split": "distance"}``), the
     labels that ``biounet predict`` writes for that model. Keys: ``iou`` (foreground IoU),
     ``seg`` (Cell Tracking Challenge SEG), ``f1`` and ``ap`` (object F1 and

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biounet.datasets import Sample
-from biounet.train import BUDGET_PROBE_STEPS, TrainConfig, lr_factor, make_optimizer, plan_steps
+from biounet.data import Sample
+from biounet.training import BUDGET_PROBE_STEPS, TrainConfig, lr_factor, make_optimizer, plan_steps
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ def train_peer(
     ``config`` is the peer's (:func:`peer_config`). Each step draws ``config.batch_size``
     images uniformly (as biounet's tiles do), one random augmented tile from each, and
     takes one optimiser step on ``DiceCELoss``. With ``config.minutes`` the number of steps
-    is fixed after :data:`biounet.train.BUDGET_PROBE_STEPS` timed steps, as biounet's
-    training does (:func:`biounet.train.plan_steps`); the steps run are logged in
+    is fixed after :data:`biounet.training.BUDGET_PROBE_STEPS` timed steps, as biounet's
+    training does (:func:`biounet.training.plan_steps`); the steps run are logged in
     ``run_dir/peer.json``.
     """
     from monai.losses import DiceCELoss

@@ -73,11 +73,12 @@ import page
 import peer_cellpose
 import peer_monai
 from common import ABLATIONS, DATASETS, EM_DIR, N_FOLDS, NUCLEI_DIR, NUCLEI_ONLY, PEERS, VARIANTS
-from biounet.datasets import Sample, load_dataset
+from biounet.data import Sample, load_dataset
 from biounet.io import atomic_folder, atomic_write
 from biounet.model import UNet, load_model
-from biounet.tiling import predict
-from biounet.train import TrainConfig, split_samples, train
+from biounet.prediction import predict
+from biounet.training import TrainConfig, train
+from biounet.data import split_samples
 
 log = logging.getLogger("reproduce")
 

@@ -1,4 +1,4 @@
-"""Tests of biounet.augment: the paper's elastic deformation and the joint augmentation."""
+"""Tests of biounet.data: the paper's elastic deformation and the joint augmentation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from biounet.augment import AugmentConfig, augment, augment_batch, elastic_displacement, random_grid_values, warp
+from biounet.data import AugmentConfig, augment, augment_batch, elastic_displacement, random_grid_values, warp
 
 try:
     import elasticdeform

@@ -11,9 +11,9 @@ import tifffile
 import torch
 
 from biounet import UNet, load_model, predict
-from biounet import inference
+from biounet import prediction
 from biounet.cli import main
-from biounet.inference import PredictReport
+from biounet.prediction import PredictReport
 from biounet.io import read_image, read_image_axes
 
 
@@ -53,7 +53,7 @@ def test_compile_option_takes_the_modes(tmp_path, model_dir, capsys, monkeypatch
         main([*args, "--compile", "fastest"])
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
     seen = []
-    monkeypatch.setattr(inference, "predict_files", lambda *a, **kw: seen.append(kw["compile"]) or PredictReport())
+    monkeypatch.setattr(prediction, "predict_files", lambda *a, **kw: seen.append(kw["compile"]) or PredictReport())
     for extra, mode in (([], False), (["--compile"], "default"), (["--compile", "reduce-overhead"], "reduce-overhead")):
         assert main([*args, *extra]) == 0
     assert seen == [False, "default", "reduce-overhead"]  # what reaches predict_files
@@ -176,12 +176,12 @@ def test_outputs_never_overwrite_ground_truth_inputs_or_each_other(tmp_path, mod
 
 
 def test_cli_precision_defaults_to_auto_resolved_by_the_device(tmp_path, model_dir, monkeypatch):
-    from biounet import tiling
+    from biounet.prediction import _device
 
     image = np.random.default_rng(4).random((30, 40)).astype(np.float32)
     tifffile.imwrite(tmp_path / "a.tif", image)
     asked = []
-    monkeypatch.setattr(tiling, "resolve_precision", lambda device: asked.append(str(device)) or "float32")
+    monkeypatch.setattr(_device, "resolve_precision", lambda device: asked.append(str(device)) or "float32")
     assert main(["predict", str(model_dir), str(tmp_path / "a.tif"), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     assert asked == ["cpu"]  # auto was resolved once, for the device, and the answer was used
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "a_probabilities.tif"),

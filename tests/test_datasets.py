@@ -1,4 +1,4 @@
-"""Tests of biounet.datasets: readers, training tiles, synthetic touching cells."""
+"""Tests of biounet.data: readers, training tiles, synthetic touching cells."""
 
 from __future__ import annotations
 
@@ -14,18 +14,7 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
 from biounet.cli import main
-from biounet.datasets import (
-    INSTANCE_LABELS,
-    ISBI_MEMBRANES,
-    LabelFormat,
-    Sample,
-    TileDataset,
-    detect_layout,
-    extract_tile,
-    load_dataset,
-    make_sample,
-    synthetic_cells,
-)
+from biounet.data import INSTANCE_LABELS, ISBI_MEMBRANES, LabelFormat, Sample, TileDataset, detect_layout, extract_tile, load_dataset, make_sample, synthetic_cells
 from biounet.io import read_image, write_png
 
 
@@ -505,7 +494,7 @@ def test_isbi2012_real_data_loads(data_dir):
 
 @pytest.mark.data
 def test_dsb2018_real_data_loads_and_weight_maps(data_dir):
-    from biounet.weights import weight_map
+    from biounet.data import weight_map
 
     root = data_dir / "dsb2018-nuclei"
     with open(root / "manifest.csv", newline="") as f:
@@ -532,7 +521,7 @@ def test_dsb2018_real_data_loads_and_weight_maps(data_dir):
 def test_separate_touching_draws_a_line_that_splits_4_connected_components():
     from scipy import ndimage
 
-    from biounet.datasets import separate_touching
+    from biounet.data import separate_touching
 
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -554,7 +543,7 @@ def test_separate_touching_draws_a_line_that_splits_4_connected_components():
 
 
 def test_target_and_weights_use_the_separating_lines():
-    from biounet.datasets import make_sample
+    from biounet.data import make_sample
 
     labels = np.zeros((10, 12), np.int32)
     labels[2:8, 1:6] = 1
@@ -566,7 +555,7 @@ def test_target_and_weights_use_the_separating_lines():
 
 
 def test_border_target_marks_each_cells_outermost_pixels_but_not_the_image_edge():
-    from biounet.datasets import TileDataset, make_sample
+    from biounet.data import TileDataset, make_sample
 
     labels = np.zeros((10, 12), np.int32)
     labels[1:7, 1:6], labels[1:7, 6:11] = 1, 2  # touching along column 6
@@ -593,7 +582,7 @@ def test_border_target_marks_each_cells_outermost_pixels_but_not_the_image_edge(
 
 
 def test_a_file_for_a_folder_and_a_nan_image_name_the_path(tmp_path):
-    from biounet.datasets import load_dataset, make_sample
+    from biounet.data import load_dataset, make_sample
 
     (tmp_path / "data.tif").write_bytes(b"")
     with pytest.raises(ValueError, match="data.tif: a file, not a data set folder"):

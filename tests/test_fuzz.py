@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 from biounet import UNet, load_model, predict
 from biounet.cli import main
-from biounet.datasets import make_sample, synthetic_cells
-from biounet.inference import labels_from_probabilities
+from biounet.data import make_sample, synthetic_cells
+from biounet.postprocess import labels_from_probabilities
 from biounet.io import read_image_axes, write_png, write_tiff
-from biounet.train import TrainConfig, train_steps
+from biounet.training import TrainConfig, train_steps
 
 FUZZ = settings(max_examples=40, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture],
                 derandomize=True)  # fmt: skip

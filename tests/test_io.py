@@ -15,10 +15,8 @@ import pytest
 import tifffile
 
 from biounet import io
-from biounet.io import (
-    atomic_folder, atomic_write, label_overlay, normalize_percentile, read_image, read_image_axes, write_png,
-    write_tiff,
-)
+from biounet.io import _files
+from biounet.io import atomic_folder, atomic_write, label_overlay, normalize_percentile, read_image, read_image_axes, write_png, write_tiff
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -72,7 +70,7 @@ def test_temporaries_of_killed_runs_are_swept_and_live_ones_kept(tmp_path):
     os.utime(left, (old, old))
     assert io.sweep_stale_temporaries(tmp_path) == []  # the writer still runs: kept
     assert left.is_file()
-    io._swept.clear()
+    _files._swept.clear()
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert left.is_file() and not (tmp_path / "out.tif").exists()  # nothing under the final name

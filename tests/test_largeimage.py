@@ -16,19 +16,12 @@ import zarr
 from scipy import ndimage
 
 from biounet import UNet, load_model, predict
-from biounet import inference, largeimage
+from biounet.prediction import _chunked, _files
 from biounet.cli import main
-from biounet.inference import labels_from_probabilities
-from biounet.largeimage import (
-    intensity_percentiles,
-    label_chunked,
-    ngff_attributes,
-    open_image,
-    plan_chunks,
-    predict_dask,
-    predict_to_zarr,
-)
-from biounet.tiling import chunk_context, mirror_indices
+from biounet.postprocess import labels_from_probabilities
+from biounet.io import intensity_percentiles, ngff_attributes, open_image
+from biounet.prediction import label_chunked, plan_chunks, predict_dask, predict_to_zarr
+from biounet.prediction import chunk_context, mirror_indices
 
 
 def net(depth: int = 2, width: int = 4, seed: int = 0, **kwargs) -> UNet:
@@ -128,11 +121,11 @@ def test_predict_with_context_equals_the_crop_of_the_full_result():
 
 def test_each_chunk_is_predicted_once_when_writing_probabilities_and_labels(tmp_path, monkeypatch):
     calls = []
-    real = largeimage.predict
-    monkeypatch.setattr(largeimage, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = _chunked.predict
+    monkeypatch.setattr(_chunked, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = net(2)
     items = da.from_array(np.random.default_rng(0).random((1, 1, 100, 70)).astype(np.float32))
-    largeimage.predict_to_zarr(model, items, tmp_path, "x", chunk=32, progress=False)
+    _chunked.predict_to_zarr(model, items, tmp_path, "x", chunk=32, progress=False)
     assert len(calls) == 3 * 2  # 100 px -> chunks 32, 32, 36 (the 4 px rest merged); 70 -> 72 px -> 32, 40
 
 
@@ -234,8 +227,8 @@ def test_large_tiff_is_read_lazily_and_streamed(tmp_path, model_dir, monkeypatch
     lazy = open_image(tmp_path / "big.tif")
     assert lazy.axes == "ZYX" and isinstance(lazy.array, da.Array) and lazy.array.numblocks == (2, 1, 1)
     np.testing.assert_array_equal(lazy.array[1, 10:20, 5:9].compute(), stack[1, 10:20, 5:9])
-    monkeypatch.setattr(inference, "STREAM_ABOVE_PIXELS", 1000)
-    monkeypatch.setattr(inference, "read_image_axes", lambda path: pytest.fail("the TIFF was loaded whole"))
+    monkeypatch.setattr(_files, "STREAM_ABOVE_PIXELS", 1000)
+    monkeypatch.setattr(_files, "read_image_axes", lambda path: pytest.fail("the TIFF was loaded whole"))
     assert main(["predict", str(model_dir), str(tmp_path / "big.tif"), "-o", str(tmp_path / "o"),
                  "--precision", "float32", "--no-progress"]) == 0  # fmt: skip
     prob = check_ngff(tmp_path / "o" / "big_probabilities.ome.zarr", "czyx", 2)
@@ -258,7 +251,7 @@ def test_streamed_labels_use_the_model_threshold_and_say_what_they_skip(tmp_path
     model = net(2)
     model.info = dataclasses.replace(model.info, postprocess={"threshold": 0.3, "split": "distance", "min_size": 5})
     image = da.from_array(np.random.default_rng(4).random((1, 1, 60, 60)).astype(np.float32), chunks=(1, 1, 32, 32))
-    with caplog.at_level(logging.WARNING, logger="biounet.largeimage"):
+    with caplog.at_level(logging.WARNING, logger="biounet.prediction"):
         predict_to_zarr(model, image, tmp_path, "x", chunk=32, progress=False)
     assert "post-processing {'split': 'distance', 'min_size': 5} is not applied" in caplog.text
     prob = zarr.open_array(str(tmp_path / "x_probabilities.ome.zarr" / "0"))[:]
@@ -275,7 +268,7 @@ def test_streamed_failures_leave_no_output_and_tta_is_refused(tmp_path, model_di
     def boom(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(largeimage, "predict", boom)
+    monkeypatch.setattr(_chunked, "predict", boom)
     assert main(argv) == 1
     assert "out of memory" in capsys.readouterr().err
     assert list((tmp_path / "o").iterdir()) == []  # no partial output, no temporary folder

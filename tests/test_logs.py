@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from biounet.logs import CsvLog
+from biounet.training import CsvLog
 
 FIELDS = ["step", "loss"]
 

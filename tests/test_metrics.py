@@ -16,6 +16,7 @@ from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
 from biounet import metrics as M
+from biounet.metrics import _warping as W
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_thresholds_are_fijis_accumulated_doubles():
 
 def test_simple_point_table_matches_yokoi():
     for code in range(256):
-        assert M._SIMPLE[code] == yokoi_simple([code >> k & 1 for k in range(8)]), format(code, "08b")
+        assert W._SIMPLE[code] == yokoi_simple([code >> k & 1 for k in range(8)]), format(code, "08b")
 
 
 def test_simple_points_by_definition():
@@ -174,7 +175,7 @@ def test_simple_points_by_definition():
         flipped[3, 3] = ~flipped[3, 3]
         after = (ndimage.label(flipped)[1], ndimage.label(~flipped, np.ones((3, 3)))[1])
         code = sum(int(patch[3 + dy, 3 + dx]) << k for k, (dy, dx) in enumerate(RING))
-        if M._SIMPLE[code]:
+        if W._SIMPLE[code]:
             assert before == after
 
 
@@ -182,17 +183,17 @@ def test_simple_points_by_definition():
 def test_thinning_reproduces_fiji_watershed(seed):
     rng = np.random.default_rng(seed)
     foreground = blobs(rng, (20 + seed % 5, 23), sigma=1.5, fraction=[0.2, 0.5, 0.7][seed % 3])
-    ours, reference = M._thin_borders(foreground), fiji_watershed(foreground)
+    ours, reference = W.thin_borders(foreground), fiji_watershed(foreground)
     np.testing.assert_array_equal(ours == 0, reference == 0)
     assert same_partition(ours, reference)
 
 
 def test_thinning_edge_cases():
-    assert (M._thin_borders(np.zeros((4, 5), bool)) == 1).all()  # no cell: one new basin, as Fiji
-    assert (M._thin_borders(np.ones((4, 5), bool)) == 1).all()
+    assert (W.thin_borders(np.zeros((4, 5), bool)) == 1).all()  # no cell: one new basin, as Fiji
+    assert (W.thin_borders(np.ones((4, 5), bool)) == 1).all()
     line = np.zeros((5, 9), bool)
     line[:, [0, 8]] = True  # two cells 7 px apart: the border thins to the middle column
-    thinned = M._thin_borders(line)
+    thinned = W.thin_borders(line)
     np.testing.assert_array_equal(np.flatnonzero((thinned == 0).all(axis=0)), [4])
     np.testing.assert_array_equal(thinned, fiji_watershed(line))
 
@@ -204,7 +205,7 @@ def test_warp_reproduces_fiji_sweeps(seed):
     prob = soft(rng, (22, 21), sigma=1.5, levels=[None, 5, 2][seed % 3])
     target = prob > 0.5
     priority = np.abs(prob.astype(np.float64) - 0.5).astype(np.float32)
-    np.testing.assert_array_equal(M._warp(source, target, priority), fiji_warp(source, target, priority))
+    np.testing.assert_array_equal(W._warp(source, target, priority), fiji_warp(source, target, priority))
 
 
 @settings(max_examples=40, deadline=None)
@@ -214,12 +215,12 @@ def test_warp_reproduces_fiji_sweeps(seed):
 )
 def test_thinning_and_warping_match_fiji_on_tiny_images(foreground, levels):
     """Any small binary image, and priorities with many ties (4 levels)."""
-    np.testing.assert_array_equal(M._thin_borders(foreground) == 0, fiji_watershed(foreground) == 0)
-    assert same_partition(M._thin_borders(foreground), fiji_watershed(foreground))
+    np.testing.assert_array_equal(W.thin_borders(foreground) == 0, fiji_watershed(foreground) == 0)
+    assert same_partition(W.thin_borders(foreground), fiji_watershed(foreground))
     shape = tuple(min(a, b) for a, b in zip(foreground.shape, levels.shape))
     source, prob = foreground[: shape[0], : shape[1]], levels[: shape[0], : shape[1]] / 3
     target, priority = prob > 0.5, np.abs(prob - 0.5).astype(np.float32)
-    np.testing.assert_array_equal(M._warp(source, target, priority), fiji_warp(source, target, priority))
+    np.testing.assert_array_equal(W._warp(source, target, priority), fiji_warp(source, target, priority))
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -228,7 +229,7 @@ def test_classification_reproduces_fiji(seed):
     warped, target = blobs(rng, (26, 25), 1.2, 0.55), blobs(rng, (26, 25), 1.2, 0.5)
     mismatched = np.flatnonzero(warped != target)
     kinds = np.zeros(warped.size, np.uint8)
-    kinds[mismatched] = M._classify(warped, mismatched)
+    kinds[mismatched] = W._classify(warped, mismatched)
     np.testing.assert_array_equal(kinds.reshape(warped.shape), fiji_classify(warped, target))
 
 
@@ -421,7 +422,7 @@ def square(shape=(16, 16), top=4, left=4, size=7) -> np.ndarray:
 
 
 def counts(result: M.WarpingResult) -> dict[str, int]:
-    return {name: getattr(result, name) for name in M._ERROR_COUNTS if getattr(result, name)}
+    return {name: getattr(result, name) for name in W.ERROR_COUNTS if getattr(result, name)}
 
 
 def test_boundary_shifted_by_one_pixel_keeps_topology():
@@ -629,6 +630,6 @@ def test_real_isbi_crop_matches_fiji_references(data_dir):
     prob = np.clip(ndimage.gaussian_filter(gt.astype(float), 2.0) + soft(rng, gt.shape, 3.0) * 0.3 - 0.15, 0, 1)
     for t in (0.3, 0.7):
         proposal = prob > t
-        assert same_partition(M._thin_borders(proposal), fiji_watershed(proposal))
+        assert same_partition(W.thin_borders(proposal), fiji_watershed(proposal))
         priority = np.abs(prob - t).astype(np.float32)
-        np.testing.assert_array_equal(M._warp(gt, proposal, priority), fiji_warp(gt, proposal, priority))
+        np.testing.assert_array_equal(W._warp(gt, proposal, priority), fiji_warp(gt, proposal, priority))

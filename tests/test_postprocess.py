@@ -76,7 +76,7 @@ def test_probability_split_follows_the_valley_between_cores():
 
 
 def test_border_split_grows_the_interiors_of_a_three_class_map():
-    from biounet.inference import labels_from_probabilities
+    from biounet.postprocess import labels_from_probabilities
     from biounet.postprocess import foreground_probability
 
     # two squares that touch along x = 10: interiors 2..7 and 12..17, border pixels around them

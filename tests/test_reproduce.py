@@ -129,7 +129,7 @@ def test_cellpose_peer_without_its_environment_says_how_to_make_it(monkeypatch, 
 @pytest.mark.slow
 @needs_cellpose
 def test_cellpose_peer_trains_from_scratch_and_segments(tmp_path):
-    from biounet.datasets import make_sample, synthetic_cells
+    from biounet.data import make_sample, synthetic_cells
 
     samples = [make_sample(i, lab, name=f"s{k}") for k, (i, lab) in enumerate(synthetic_cells(3, (96, 96), seed=1))]
     masks, facts = peer_cellpose.train_and_segment(samples[:2], samples[2:], tmp_path, steps=2, minutes=None,
@@ -288,7 +288,7 @@ def test_time_limit_estimates_from_reused_records(tmp_path):
 
 
 def _tiny_job(tmp_path: Path, steps: int) -> reproduce.Job:
-    from biounet.datasets import make_sample, synthetic_cells
+    from biounet.data import make_sample, synthetic_cells
 
     samples = [make_sample(image, labels, name=f"s{i}")
                for i, (image, labels) in enumerate(synthetic_cells(3, (80, 80), seed=1))]  # fmt: skip

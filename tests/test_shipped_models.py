@@ -14,9 +14,9 @@ import tifffile
 
 import biounet
 from biounet.cli import main
-from biounet.datasets import load_dataset
+from biounet.data import load_dataset
 from biounet.model import available_models, load_model
-from biounet.train import TrainConfig
+from biounet.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from biounet import UNet, UNetConfig, plan_tiles, predict, predict_steps, tiling_efficiency
-from biounet.tiling import tile_input_shapes
+from biounet.prediction import tile_input_shapes
 from biounet.io import normalize_percentile
-from biounet.tiling import DIHEDRAL, dihedral, dihedral_inverse, mirror_indices, mirror_pad
+from biounet.prediction import DIHEDRAL, dihedral, dihedral_inverse, mirror_indices, mirror_pad
 
 
 def whole_image_reference(model: UNet, image: np.ndarray) -> np.ndarray:
@@ -240,11 +240,11 @@ def test_bfloat16_stays_close_to_float32(tiny_model):
 
 def test_a_tile_below_the_smallest_is_raised_with_a_warning(caplog):
     config = UNetConfig(depth=2, base_channels=4)
-    with caplog.at_level("WARNING", logger="biounet.tiling"):
+    with caplog.at_level("WARNING", logger="biounet.prediction"):
         layout = plan_tiles(config, (100, 100), tile=3)
     smallest = [axis.tile_in for axis in layout]
     assert min(smallest) > 3 and f"using {smallest} px" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="biounet.tiling"):
+    with caplog.at_level("WARNING", logger="biounet.prediction"):
         plan_tiles(config, (100, 100))
     assert caplog.text == ""

@@ -17,11 +17,13 @@ import pytest
 import tifffile
 import torch
 
-from biounet.datasets import make_sample, synthetic_cells
-from biounet.logs import read_events
-from biounet.losses import soft_dice_loss, weighted_cross_entropy
+from biounet.data import make_sample, synthetic_cells
+from biounet.training import read_events
+from biounet.training import soft_dice_loss, weighted_cross_entropy
 from biounet.model import UNetConfig
-from biounet.train import TrainConfig, TrainingError, auto_tile, largest_tile_within, split_samples, train, train_steps
+from biounet.training import TrainConfig, auto_tile, largest_tile_within, train, train_steps
+from biounet.errors import TrainingError
+from biounet.data import split_samples
 
 TINY = ["--set", "depth=2", "--set", "base_channels=4", "--set", "tile=76", "--set", "batch_size=2",
         "--set", "val_every=1000"]  # fmt: skip
@@ -213,7 +215,7 @@ def test_existing_run_without_resume_is_refused(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import biounet.train as train_module
+    from biounet.training import _loop as train_module
 
     calls = {"n": 0}
 
@@ -287,7 +289,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
-    from biounet.train import rank_device
+    from biounet.training import rank_device
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -299,7 +301,7 @@ def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
 
 
 def test_resume_gives_each_rank_its_own_random_streams():
-    from biounet.train import _restore_rng_states
+    from biounet.training._checkpoint import restore_rng_states
 
     streams = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
     for g in streams:
@@ -307,10 +309,10 @@ def test_resume_gives_each_rank_its_own_random_streams():
     state = {"generators": [g.get_state() for g in streams], "torch_rngs": [torch.get_rng_state()] * 2}
     for rank in (0, 1):
         generator = torch.Generator().manual_seed(99)
-        _restore_rng_states(state, generator, rank, world=2)
+        restore_rng_states(state, generator, rank, world=2)
         assert torch.equal(generator.get_state(), streams[rank].get_state())
     generator = torch.Generator().manual_seed(99)
-    _restore_rng_states(state, generator, 0, world=3)  # another world size: the seed's fresh stream stays
+    restore_rng_states(state, generator, 0, world=3)  # another world size: the seed's fresh stream stays
     assert torch.equal(generator.get_state(), torch.Generator().manual_seed(99).get_state())
 
 
@@ -318,13 +320,13 @@ def test_resume_gives_each_rank_its_own_random_streams():
 # CPU speed and selection (issue 11): precision, time budgets, best model by the task's score
 # ------------------------------------------------------------------------------------------
 def test_auto_precision_is_bfloat16_only_where_native(monkeypatch, caplog):
-    from biounet import tiling as training
+    from biounet.prediction import _device as training
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     assert training.resolve_precision("cpu") == "bfloat16"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    with caplog.at_level("INFO", logger="biounet.tiling"):
+    with caplog.at_level("INFO", logger="biounet.prediction"):
         assert training.resolve_precision("cpu") == "float32"
     assert "no native bfloat16, computing in float32" in caplog.text
     assert training.resolve_precision("meta") == "float32"
@@ -341,7 +343,7 @@ def test_new_config_fields_are_validated():
 
 
 def test_plan_steps_formula():
-    from biounet.train import plan_steps
+    from biounet.training import plan_steps
 
     # 600 s budget, 10 s gone, 30 steps done, 0.1 s a step, 2 s a validation every 100 steps:
     # (600 - 10 - 2) / (0.1 + 0.02) = 4900 more steps
@@ -357,7 +359,7 @@ def _tiny_samples(n: int = 3, shape=(48, 48)):
 
 
 def test_time_budget_fixes_and_records_the_steps_and_resume_keeps_them(tmp_path, monkeypatch):
-    from biounet import train as training
+    from biounet.training import _loop as training
 
     def fake_clock(tick: float):  # every reading of the clock is `tick` s later: an exact, fake machine
         ticks = itertools.count(0.0, tick)
@@ -387,7 +389,7 @@ def test_time_budget_fixes_and_records_the_steps_and_resume_keeps_them(tmp_path,
 
 
 def test_best_model_is_chosen_by_the_configured_score(tmp_path):
-    from biounet.logs import CsvLog
+    from biounet.training import CsvLog
     from biounet.model import load_model
 
     samples = _tiny_samples(4)
@@ -424,7 +426,7 @@ def test_luminance_recipe_trains_on_rgb_and_the_model_converts_rgb(tmp_path):
 
 def test_border_recipe_trains_three_classes_and_its_model_makes_instances(tmp_path):
     from biounet import predict
-    from biounet.inference import labels_from_probabilities
+    from biounet.postprocess import labels_from_probabilities
     from biounet.model import load_model
 
     with pytest.raises(ValueError, match='target = "border" and split = "border" go together'):
@@ -483,7 +485,7 @@ def test_cli_resume_of_a_budgeted_run_refuses_steps_and_a_broken_config_is_one_l
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path, caplog):
     config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=1, val_every=1000)
-    with caplog.at_level("WARNING", logger="biounet.train"):
+    with caplog.at_level("WARNING", logger="biounet.training"):
         list(train_steps(_tiny_samples(2), tmp_path / "R", config, resume=True))
     assert f"{tmp_path / 'R'}: no checkpoint to resume from; starting a new run" in caplog.text
     assert (tmp_path / "R" / "last" / "config.json").is_file()

@@ -1,4 +1,4 @@
-"""Tests of biounet.weights: the paper's border weight map (eq. 2), exact and fast."""
+"""Tests of biounet.data: the paper's border weight map (eq. 2), exact and fast."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
-from biounet.weights import binary_to_instances, class_frequencies, render_weight_map, weight_map
+from biounet.data import binary_to_instances, class_frequencies, render_weight_map, weight_map
 
 
 def naive_weight_map(labels, w0=10.0, sigma=5.0, border="background", class_weights=None):

@@ -1,18 +1,31 @@
 """biounet: U-Net (Ronneberger, Fischer & Brox, 2015) for microscopy image segmentation.
 
-The public API is flat: ``biounet.UNet``, ``biounet.predict``, ``biounet.load_model`` ...
-Training is ``biounet.train.train`` (the submodule keeps its name). Names are imported lazily (PEP 562, as scikit-image does), so ``import biounet`` and the
+The public API is flat: ``biounet.UNet``, ``biounet.predict``, ``biounet.train``,
+``biounet.load_model`` ... The folders show the pipeline, and each subpackage re-exports its
+own public names:
+
+* :mod:`biounet.io`: images in and out (files, lazy large images, OME-Zarr, atomic writes);
+* :mod:`biounet.data`: annotated samples, data set readers, weight maps, augmentation, tiles;
+* :mod:`biounet.model`: the network, its configuration and its saved form;
+* :mod:`biounet.training`: the recipe, the loop, checkpoints, budgets, logs;
+* :mod:`biounet.prediction`: the tile plan, the stitcher, chunked prediction, files;
+* :mod:`biounet.postprocess`: from probabilities to instance labels;
+* :mod:`biounet.metrics` and :mod:`biounet.evaluation`: scores, and scoring files;
+* :mod:`biounet.cli` and :mod:`biounet.demo`: the command line and the demo.
+
+Names are imported lazily (PEP 562, as scikit-image does), so ``import biounet`` and the
 ``biounet`` command answer instantly and torch is loaded only when a name needs it.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from biounet._exports import lazy_exports
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+#: public name -> the module or subpackage that provides it
 _EXPORTS: dict[str, str] = {
     # model
     "UNet": "model",
@@ -20,78 +33,87 @@ _EXPORTS: dict[str, str] = {
     "ModelInfo": "model",
     "load_model": "model",
     "available_models": "model",
-    # tiling
-    "predict": "tiling",
-    "predict_steps": "tiling",
-    "plan_tiles": "tiling",
-    "tiling_efficiency": "tiling",
-    "mirror_pad": "tiling",
-    "chunk_context": "tiling",
-    # out of core
-    "predict_dask": "largeimage",
-    "predict_to_zarr": "largeimage",
-    "open_image": "largeimage",
-    "label_chunked": "largeimage",
-    "intensity_percentiles": "largeimage",
-    # files
-    "predict_files": "inference",
+    # prediction
+    "predict": "prediction",
+    "predict_steps": "prediction",
+    "plan_tiles": "prediction",
+    "tiling_efficiency": "prediction",
+    "mirror_pad": "prediction",
+    "chunk_context": "prediction",
+    "predict_dask": "prediction",
+    "predict_to_zarr": "prediction",
+    "label_chunked": "prediction",
+    "predict_files": "prediction",
+    # post-processing
+    "probabilities_to_labels": "postprocess",
+    "labels_from_probabilities": "postprocess",
+    # images in and out
+    "open_image": "io",
+    "intensity_percentiles": "io",
     "read_image": "io",
     "write_tiff": "io",
     "write_png": "io",
     "normalize_percentile": "io",
     # data
-    "Sample": "datasets",
-    "LabelFormat": "datasets",
-    "INSTANCE_LABELS": "datasets",
-    "ISBI_MEMBRANES": "datasets",
-    "load_dataset": "datasets",
-    "make_sample": "datasets",
-    "TileDataset": "datasets",
-    "synthetic_cells": "datasets",
-    # weight maps and augmentation
-    "weight_map": "weights",
-    "binary_to_instances": "weights",
-    "class_frequencies": "weights",
-    "AugmentConfig": "augment",
-    "augment_batch": "augment",
+    "Sample": "data",
+    "LabelFormat": "data",
+    "INSTANCE_LABELS": "data",
+    "ISBI_MEMBRANES": "data",
+    "load_dataset": "data",
+    "make_sample": "data",
+    "TileDataset": "data",
+    "synthetic_cells": "data",
+    "weight_map": "data",
+    "binary_to_instances": "data",
+    "class_frequencies": "data",
+    "AugmentConfig": "data",
+    "augment_batch": "data",
     # training
-    "TrainConfig": "train",
-    "weighted_cross_entropy": "losses",
+    "TrainConfig": "training",
+    "train": "training",
+    "train_steps": "training",
+    "weighted_cross_entropy": "training",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'biounet' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"biounet.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from biounet.augment import AugmentConfig, augment_batch
-    from biounet.datasets import (
+    from biounet.data import (  # noqa: F401
         INSTANCE_LABELS,
         ISBI_MEMBRANES,
+        AugmentConfig,
         LabelFormat,
         Sample,
         TileDataset,
+        augment_batch,
+        binary_to_instances,
+        class_frequencies,
         load_dataset,
         make_sample,
         synthetic_cells,
+        weight_map,
     )
-    from biounet.inference import predict_files
-    from biounet.io import normalize_percentile, read_image, write_png, write_tiff
-    from biounet.model import ModelInfo, UNet, UNetConfig, available_models, load_model
-    from biounet.largeimage import intensity_percentiles, label_chunked, open_image, predict_dask, predict_to_zarr
-    from biounet.losses import weighted_cross_entropy
-    from biounet.tiling import chunk_context, mirror_pad, plan_tiles, predict, predict_steps, tiling_efficiency
-    from biounet.train import TrainConfig
-    from biounet.weights import binary_to_instances, class_frequencies, weight_map
+    from biounet.io import (  # noqa: F401
+        intensity_percentiles,
+        normalize_percentile,
+        open_image,
+        read_image,
+        write_png,
+        write_tiff,
+    )
+    from biounet.model import ModelInfo, UNet, UNetConfig, available_models, load_model  # noqa: F401
+    from biounet.postprocess import labels_from_probabilities, probabilities_to_labels  # noqa: F401
+    from biounet.prediction import (  # noqa: F401
+        chunk_context,
+        label_chunked,
+        mirror_pad,
+        plan_tiles,
+        predict,
+        predict_dask,
+        predict_files,
+        predict_steps,
+        predict_to_zarr,
+        tiling_efficiency,
+    )
+    from biounet.training import TrainConfig, train, train_steps, weighted_cross_entropy  # noqa: F401

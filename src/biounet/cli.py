@@ -75,7 +75,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # Idle OpenMP threads sleep rather than spin (read when torch loads): up to 4x faster on a
     # shared 2-core machine, never slower there (docs/benchmarks.md, "CPU tiling").
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from biounet.inference import predict_files
+    from biounet.prediction import predict_files
 
     paths = list(args.paths)
     model = args.model if args.model else paths.pop(0)
@@ -129,7 +129,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from biounet.datasets import synthetic_cells
+    from biounet.data import synthetic_cells
     from biounet.io import write_tiff
 
     if args.n < 1:
@@ -190,8 +190,8 @@ def _cmd_show_weights(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from biounet.data import binary_to_instances, render_weight_map, weight_map
     from biounet.io import read_image, write_png
-    from biounet.weights import binary_to_instances, render_weight_map, weight_map
 
     if Path(args.output).suffix.lower() != ".png":
         raise ValueError(f"{args.output}: the output must be a .png file")
@@ -253,7 +253,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from biounet.evaluation import check_report_path, evaluate_files, mean_row, pair_files, write_report
+    from biounet.evaluation import (
+        check_report_path,
+        evaluate_files,
+        mean_row,
+        pair_files,
+        write_report,
+    )
 
     if args.output:
         check_report_path(args.output)
@@ -315,8 +321,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from biounet.datasets import load_dataset
-    from biounet.train import TrainConfig, read_run_config, split_samples, train
+    from biounet.data import load_dataset
+    from biounet.data import split_samples
+    from biounet.training import read_run_config
+    from biounet.training import TrainConfig
+    from biounet.training import train
 
     run_dir = Path(args.output)
     saved = run_dir / "train_config.json"

@@ -50,12 +50,17 @@ def run_demo(
     """Train on synthetic cells and segment a held-out image; see the module docstring."""
     import torch
 
-    from biounet.datasets import make_sample, synthetic_cells
-    from biounet.inference import labels_from_probabilities
-    from biounet.io import label_overlay, write_png, write_tiff
-    from biounet.metrics import iou_per_class, match_objects
-    from biounet.tiling import plan_tiles, predict
-    from biounet.train import TrainConfig, train
+    from biounet.data import make_sample
+    from biounet.data import synthetic_cells
+    from biounet.io import label_overlay
+    from biounet.io import write_png, write_tiff
+    from biounet.metrics import match_objects
+    from biounet.metrics import iou_per_class
+    from biounet.postprocess import labels_from_probabilities
+    from biounet.prediction import predict
+    from biounet.prediction import plan_tiles
+    from biounet.training import TrainConfig
+    from biounet.training import train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,12 +108,14 @@ def segment_with_shipped_model(
     found under ``$BIOUNET_DATA``; without the data, a 512x512 synthetic fluorescence
     image. The time covers prediction and post-processing, not loading.
     """
-    from biounet.datasets import read_manifest, read_sample, synthetic_cells
-    from biounet.inference import labels_from_probabilities
-    from biounet.io import label_overlay, write_png
+    from biounet.data import read_manifest, read_sample
+    from biounet.data import synthetic_cells
+    from biounet.io import label_overlay
+    from biounet.io import write_png
     from biounet.metrics import match_objects
     from biounet.model import load_model
-    from biounet.tiling import predict
+    from biounet.postprocess import labels_from_probabilities
+    from biounet.prediction import predict
 
     model = load_model(name)
     evaluation = model.info.provenance.get("evaluation", {})

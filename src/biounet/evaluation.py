@@ -15,10 +15,13 @@ from typing import Literal
 
 import numpy as np
 
-from biounet.io import IMAGE_SUFFIXES, PathLike, atomic_write, image_files, read_image, read_image_axes
-from biounet.metrics import dice_per_class, iou_per_class, isbi_scores, match_objects, seg_score
+from biounet.data._weights import binary_to_instances
+from biounet.io._files import PathLike, atomic_write
+from biounet.io._images import IMAGE_SUFFIXES, image_files, read_image, read_image_axes
+from biounet.metrics._isbi import isbi_scores
+from biounet.metrics._matching import match_objects, seg_score
+from biounet.metrics._overlap import dice_per_class, iou_per_class
 from biounet.postprocess import Split, probabilities_to_labels
-from biounet.weights import binary_to_instances
 
 log = logging.getLogger(__name__)
 

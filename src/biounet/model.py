@@ -429,7 +429,7 @@ class UNet(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from biounet.io import atomic_folder, atomic_write
+        from biounet.io._files import atomic_folder, atomic_write
 
         folder = Path(path)
         try:
@@ -477,7 +477,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> UNet:
     """
     from safetensors.torch import load_file
 
-    from biounet.tiling import check_device
+    from biounet.prediction._device import check_device
 
     device = check_device(device)
     folder = Path(path)

@@ -53,7 +53,7 @@ def probabilities_to_labels(
          ``prob > seed_threshold`` (confident object cores), flooded on ``-prob``, so the
          cut follows the valley of the probability between cores;
        * ``"border"``: for a 3-class model (background, cell interior, cell border;
-         :meth:`biounet.datasets.Sample.class_target`), ``prob`` is the foreground
+         :meth:`biounet.data.Sample.class_target`), ``prob`` is the foreground
          (interior + border) and ``interior`` the interior probability; the seeds are the
          connected regions of ``interior > threshold``, flooded on ``-interior``, so
          touching cells part along the border class between their interiors.
@@ -219,3 +219,24 @@ def foreground_probability(prob: np.ndarray) -> np.ndarray:
     if prob.ndim < 2 or prob.shape[0] < 2:
         raise ValueError(f"need (classes >= 2, *spatial) probabilities, got shape {prob.shape}")
     return prob[1] if prob.shape[0] == 2 else 1.0 - prob[0]
+
+
+def labels_from_probabilities(prob: np.ndarray, **postprocess: Any) -> np.ndarray:
+    """Instance labels (2 classes, or 3 with ``split="border"``) or the arg-max class map of (C, *spatial) probabilities.
+
+    For 2 classes the foreground probability goes through
+    :func:`biounet.postprocess.probabilities_to_labels` with ``postprocess`` (a model carries
+    its own in ``model.info.postprocess``, e.g. ``{"split": "distance"}``); a 3-class
+    (background, interior, border) model with ``split="border"`` gives it the foreground
+    ``1 - prob[0]`` and its interior ``prob[1]`` as seeds. Other class counts give the
+    arg-max class map.
+    """
+    from biounet.postprocess import foreground_probability, probabilities_to_labels
+
+    if postprocess.get("split") == "border":
+        if prob.shape[0] != 3:
+            raise ValueError(f'split="border" needs the 3 classes of a border model, got {prob.shape[0]}')
+        return probabilities_to_labels(foreground_probability(prob), interior=prob[1], **postprocess)
+    if prob.shape[0] == 2:
+        return probabilities_to_labels(prob[1], **postprocess)
+    return np.argmax(prob, axis=0).astype(np.uint16)

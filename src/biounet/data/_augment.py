@@ -1,11 +1,11 @@
-"""Data augmentation of the U-Net paper (sec. 3.1): elastic deformations, shifts, rotations,
+r"""Data augmentation of the U-Net paper (sec. 3.1): elastic deformations, shifts, rotations,
 flips and gray-value variations, applied jointly to an image, its labels and its weight map.
 
 Every geometric part is folded into ONE sampling grid, so each image is resampled once:
 
 .. math::
 
-    \\text{out}(p) = \\text{in}\\bigl(c + A\\,(p - c) + t + u(p)\\bigr)
+    \text{out}(p) = \text{in}\bigl(c + A\,(p - c) + t + u(p)\bigr)
 
 with ``p`` an output pixel (row, column), ``c`` the image centre, ``A`` a 2x2 matrix (rotation,
 multiple of 90 degrees, flips), ``t`` a shift and ``u`` the elastic displacement field. The

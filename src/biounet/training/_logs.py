@@ -19,10 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-# ------------------------------------------------------------------------------------------
-# CSV
-# ------------------------------------------------------------------------------------------
-
 
 class CsvLog:
     """Append rows of named values to ``path``; the header is the union of keys seen first.
@@ -34,7 +30,7 @@ class CsvLog:
     """
 
     def __init__(self, path: Path, fields: Sequence[str], *, keep_until_step: int | None = None) -> None:
-        from biounet.io import atomic_write
+        from biounet.io._files import atomic_write
 
         self.path, self.fields = Path(path), list(fields)
         old, header, whole = [], None, False
@@ -74,9 +70,6 @@ def _fmt(value: object) -> object:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-# ------------------------------------------------------------------------------------------
-# TensorBoard event files
-# ------------------------------------------------------------------------------------------
 def _crc32c_table() -> list[int]:
     table = []
     for byte in range(256):
@@ -172,9 +165,6 @@ def read_events(path: Path) -> list[bytes]:
     return records
 
 
-# ------------------------------------------------------------------------------------------
-# Curves
-# ------------------------------------------------------------------------------------------
 def plot_curves(rows: Sequence[Mapping[str, str]], path: Path, *, title: str = "") -> Path:
     """Plot training loss and validation metrics of a CSV log to a PNG (written atomically)."""
     import matplotlib
@@ -182,7 +172,7 @@ def plot_curves(rows: Sequence[Mapping[str, str]], path: Path, *, title: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from biounet.io import atomic_write
+    from biounet.io._files import atomic_write
 
     def series(key: str) -> tuple[np.ndarray, np.ndarray]:
         pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]

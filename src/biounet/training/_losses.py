@@ -15,7 +15,7 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: t
         \\qquad p_k(x) = \\frac{\\exp a_k(x)}{\\sum_{k'} \\exp a_{k'}(x)}
 
     where :math:`\\ell(x)` is the true class of pixel :math:`x`, :math:`w` the weight map
-    (:func:`biounet.weights.weight_map`) and :math:`\\Omega_+` the pixels with ``w > 0``
+    (:func:`biounet.data.weight_map`) and :math:`\\Omega_+` the pixels with ``w > 0``
     (pixels outside the image carry weight 0 and do not count). The paper sums the energy;
     dividing by the number of labelled pixels keeps the learning rate independent of the tile
     size.

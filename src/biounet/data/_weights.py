@@ -1,10 +1,10 @@
-"""Pixel-wise loss weights that force a U-Net to learn the borders between touching cells.
+r"""Pixel-wise loss weights that force a U-Net to learn the borders between touching cells.
 
 Ronneberger, Fischer and Brox (2015), eq. 2, weight every pixel ``x`` of the training target by
 
 .. math::
 
-    w(x) = w_c(x) + w_0 \\exp\\left(-\\frac{(d_1(x) + d_2(x))^2}{2\\sigma^2}\\right)
+    w(x) = w_c(x) + w_0 \exp\left(-\frac{(d_1(x) + d_2(x))^2}{2\sigma^2}\right)
 
 where :math:`w_c` balances the class frequencies and :math:`d_1, d_2` are the Euclidean
 distances to the nearest and to the second-nearest cell. :func:`weight_map` computes it for an
@@ -30,6 +30,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
 log = logging.getLogger(__name__)
+
 
 ClassWeights = Literal["balanced"] | Mapping[int, float] | Sequence[float] | np.ndarray | None
 

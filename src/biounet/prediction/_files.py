@@ -1,14 +1,4 @@
-"""Segment image files: read, predict tile by tile, write probabilities, labels and overlays.
-
-This is what ``biounet predict`` runs. Each input is processed on its own: a file that
-fails (unreadable, wrong channel count, NaN pixels ...) is reported with one line naming it
-and the problem, and the other inputs are still segmented. Outputs are written atomically.
-
-Zarr and OME-Zarr inputs, TIFFs of more than :data:`STREAM_ABOVE_PIXELS` pixels, and every
-input when a chunk size or a Dask scheduler is given are *streamed*: read, predicted and
-written chunk by chunk (:mod:`biounet.largeimage`, needs the ``large`` extra), into
-OME-Zarr outputs. Other inputs are read whole and give TIFF outputs.
-"""
+"""Predicting image files: reading, choosing outputs, writing probabilities, labels and overlays."""
 
 from __future__ import annotations
 
@@ -20,20 +10,27 @@ import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
-from biounet.io import ensure_writable_folder, label_overlay, read_image_axes, write_png, write_tiff
+from biounet.io._display import label_overlay
+from biounet.io._files import ensure_writable_folder
+from biounet.io._images import read_image_axes, write_png, write_tiff
+from biounet.io._zarr import is_zarr
 from biounet.model import UNet, load_model
-from biounet.tiling import CompileMode, Precision, check_compile, converts_to_luminance, predict
+from biounet.postprocess import labels_from_probabilities
+from biounet.prediction._device import CompileMode, Precision, check_compile
+from biounet.prediction._input import converts_to_luminance
+from biounet.prediction._stitch import predict
 
 log = logging.getLogger(__name__)
 
+
 #: Axis letters tifffile uses for channels.
 CHANNEL_LETTERS = "CS"
-#: Files that mark a folder as a Zarr array or group (v3, v2 array, v2 group).
-ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+
+
 #: TIFF inputs with more pixels than this are streamed (2**26: 8192 x 8192); the in-memory
 #: path needs about 26 bytes per pixel for a 2-class model (docs/benchmarks.md).
 STREAM_ABOVE_PIXELS = 2**26
@@ -70,13 +67,6 @@ def channel_axis_of(axes: str, shape: tuple[int, ...], model: UNet, channel_axis
     return channel_axis
 
 
-
-def is_zarr(path: str | Path) -> bool:
-    """Whether ``path`` is a Zarr (v2 or v3) array or group on disk."""
-    path = Path(path)
-    return path.is_dir() and any((path / name).is_file() for name in ZARR_MARKERS)
-
-
 def model_items_of(
     image: np.ndarray, axes: str, model: UNet, channel_axis: int | None
 ) -> tuple[np.ndarray, tuple[int, ...], str]:
@@ -88,7 +78,7 @@ def model_items_of(
     """
     channel_axis = channel_axis_of(axes, image.shape, model, channel_axis)
     if channel_axis is not None and converts_to_luminance(model, image.shape[channel_axis]):
-        from biounet.io import to_luminance
+        from biounet.io._images import to_luminance
 
         image = to_luminance(image, "image", axis=channel_axis)
         axes = axes[: channel_axis % len(axes)] + axes[channel_axis % len(axes) + 1 :]
@@ -102,27 +92,6 @@ def model_items_of(
     stack_shape = tuple(image.shape[: -1 - spatial_dims])
     items = image.reshape(-1, *image.shape[-1 - spatial_dims :])
     return items, stack_shape, axes[: len(stack_shape)]
-
-
-def labels_from_probabilities(prob: np.ndarray, **postprocess: Any) -> np.ndarray:
-    """Instance labels (2 classes, or 3 with ``split="border"``) or the arg-max class map of (C, *spatial) probabilities.
-
-    For 2 classes the foreground probability goes through
-    :func:`biounet.postprocess.probabilities_to_labels` with ``postprocess`` (a model carries
-    its own in ``model.info.postprocess``, e.g. ``{"split": "distance"}``); a 3-class
-    (background, interior, border) model with ``split="border"`` gives it the foreground
-    ``1 - prob[0]`` and its interior ``prob[1]`` as seeds. Other class counts give the
-    arg-max class map.
-    """
-    from biounet.postprocess import foreground_probability, probabilities_to_labels
-
-    if postprocess.get("split") == "border":
-        if prob.shape[0] != 3:
-            raise ValueError(f'split="border" needs the 3 classes of a border model, got {prob.shape[0]}')
-        return probabilities_to_labels(foreground_probability(prob), interior=prob[1], **postprocess)
-    if prob.shape[0] == 2:
-        return probabilities_to_labels(prob[1], **postprocess)
-    return np.argmax(prob, axis=0).astype(np.uint16)
 
 
 def predict_files(
@@ -159,12 +128,12 @@ def predict_files(
         ``probabilities``: float32 TIFF, classes on the axis before Y, X. ``labels``: uint16
         TIFF of instances (2-class models) or classes. ``overlay``: PNG of the labels over
         the image (2D inputs). Streamed inputs give ``<stem>_probabilities.ome.zarr`` and
-        ``<stem>_labels.ome.zarr`` (see :func:`biounet.largeimage.predict_to_zarr`)
+        ``<stem>_labels.ome.zarr`` (see :func:`biounet.prediction.predict_to_zarr`)
         and no overlay.
     tile, batch_size, device, precision, compile, tta, channel_axis, progress
         See :func:`biounet.predict`. ``tta`` is not available for streamed inputs.
         ``precision="auto"`` (the CLI's default) is bfloat16 where the device computes it
-        natively (:func:`biounet.tiling.resolve_precision`), else float32.
+        natively (:func:`biounet.prediction.resolve_precision`), else float32.
     chunk : int, optional
         Stream every input with output chunks of this many pixels per axis.
     scheduler : str, optional
@@ -185,7 +154,7 @@ def predict_files(
     started = time.perf_counter()
     compile = check_compile(compile)
     if precision == "auto":  # bfloat16 where native: the same segmentation, about 2x faster on such CPUs
-        from biounet.tiling import resolve_precision
+        from biounet.prediction._device import resolve_precision
 
         precision = resolve_precision(device)
     if not isinstance(model, UNet):
@@ -329,21 +298,22 @@ def _predict_streamed(
     model: UNet, path: Path, output: Path, *, save: Sequence[str], channel_axis: int | None, tta: bool,
     **kwargs,
 ) -> list[Path]:  # fmt: skip
-    """Predict one input chunk by chunk into OME-Zarr outputs (see :mod:`biounet.largeimage`)."""
+    """Predict one input chunk by chunk into OME-Zarr outputs (see :mod:`biounet.prediction`)."""
     try:
-        from biounet import largeimage
+        from biounet.io._lazy import open_image
+        from biounet.prediction._chunked import predict_to_zarr
     except ImportError as exc:
         raise ValueError(f"{path}: streaming needs dask and zarr: pip install 'biounet[large]'") from exc
     if tta:
         raise ValueError(f"{path}: --tta is not available for streamed (chunked) prediction")
-    source = largeimage.open_image(path)
+    source = open_image(path)
     items, stack_shape, stack_axes = model_items_of(source.array, source.axes, model, channel_axis)
     if len(stack_shape) > 1:
         raise ValueError(f"{path}: streamed prediction takes at most one stack axis; the image has axes {source.axes}")
     if "overlay" in save:
         log.warning("%s: overlay skipped (not made for streamed images)", path)
     stem = output_stem(path)
-    written = largeimage.predict_to_zarr(
+    written = predict_to_zarr(
         model, items, output, stem, stack_axis=stack_axes or None, save=[s for s in save if s != "overlay"],
         zarr_format=source.zarr_format or 2, scale=source.scale, **kwargs,
     )  # fmt: skip

@@ -1,0 +1,114 @@
+"""Prediction, from the tile plan to files: the overlap-tile plan and mirror rule
+(``_tiling``), the device and precision (``_device``), the network's input (``_input``),
+the exact stitcher (``_stitch``), chunked prediction of images larger than memory with Dask
+(``_chunked``, ``_chunk_labels``) and image files (``_files``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from biounet._exports import lazy_exports
+
+#: public name -> the private module that defines it (imported on first use)
+_EXPORTS: dict[str, str] = {
+    "label_chunked": "_chunk_labels",
+    "ChunkPlan": "_chunked",
+    "DEFAULT_CHUNK_2D": "_chunked",
+    "DEFAULT_CHUNK_3D": "_chunked",
+    "FOREGROUND_THRESHOLD": "_chunked",
+    "plan_chunks": "_chunked",
+    "predict_dask": "_chunked",
+    "predict_to_zarr": "_chunked",
+    "COMPILE_MODES": "_device",
+    "CompileMode": "_device",
+    "Precision": "_device",
+    "check_compile": "_device",
+    "check_device": "_device",
+    "resolve_precision": "_device",
+    "CHANNEL_LETTERS": "_files",
+    "PredictReport": "_files",
+    "STREAM_ABOVE_PIXELS": "_files",
+    "channel_axis_of": "_files",
+    "model_items_of": "_files",
+    "output_stem": "_files",
+    "plan_outputs": "_files",
+    "predict_files": "_files",
+    "as_model_input": "_input",
+    "converts_to_luminance": "_input",
+    "model_items": "_input",
+    "normalize_items": "_input",
+    "DIHEDRAL": "_stitch",
+    "Progress": "_stitch",
+    "dihedral": "_stitch",
+    "dihedral_inverse": "_stitch",
+    "predict": "_stitch",
+    "predict_steps": "_stitch",
+    "AxisTiling": "_tiling",
+    "DEFAULT_TILE_2D": "_tiling",
+    "DEFAULT_TILE_3D": "_tiling",
+    "chunk_context": "_tiling",
+    "mirror_indices": "_tiling",
+    "mirror_pad": "_tiling",
+    "plan_axis": "_tiling",
+    "plan_tiles": "_tiling",
+    "tile_input_shapes": "_tiling",
+    "tiling_efficiency": "_tiling",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from biounet.prediction._chunk_labels import label_chunked  # noqa: F401
+    from biounet.prediction._chunked import (  # noqa: F401
+        DEFAULT_CHUNK_2D,
+        DEFAULT_CHUNK_3D,
+        FOREGROUND_THRESHOLD,
+        ChunkPlan,
+        plan_chunks,
+        predict_dask,
+        predict_to_zarr,
+    )
+    from biounet.prediction._device import (  # noqa: F401
+        COMPILE_MODES,
+        CompileMode,
+        Precision,
+        check_compile,
+        check_device,
+        resolve_precision,
+    )
+    from biounet.prediction._files import (  # noqa: F401
+        CHANNEL_LETTERS,
+        STREAM_ABOVE_PIXELS,
+        PredictReport,
+        channel_axis_of,
+        model_items_of,
+        output_stem,
+        plan_outputs,
+        predict_files,
+    )
+    from biounet.prediction._input import (  # noqa: F401
+        as_model_input,
+        converts_to_luminance,
+        model_items,
+        normalize_items,
+    )
+    from biounet.prediction._stitch import (  # noqa: F401
+        DIHEDRAL,
+        Progress,
+        dihedral,
+        dihedral_inverse,
+        predict,
+        predict_steps,
+    )
+    from biounet.prediction._tiling import (  # noqa: F401
+        DEFAULT_TILE_2D,
+        DEFAULT_TILE_3D,
+        AxisTiling,
+        chunk_context,
+        mirror_indices,
+        mirror_pad,
+        plan_axis,
+        plan_tiles,
+        tile_input_shapes,
+        tiling_efficiency,
+    )

@@ -1,0 +1,357 @@
+"""Prediction of images larger than memory, chunk by chunk with Dask, into OME-Zarr."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+from dask.callbacks import Callback
+
+from biounet.io._files import atomic_folder
+from biounet.io._lazy import intensity_percentiles
+from biounet.io._ngff import ngff_array, store_blocks
+from biounet.model import UNet, UNetConfig
+from biounet.prediction._chunk_labels import LabelJob
+from biounet.prediction._device import CompileMode, Precision
+from biounet.prediction._input import check_intensity_range, model_items
+from biounet.prediction._stitch import predict
+from biounet.prediction._tiling import chunk_context, mirror_indices
+
+log = logging.getLogger(__name__)
+
+
+#: Default output chunk per spatial axis, in pixels, for 2D and 3D models (rounded down to a
+#: multiple of ``2**depth``).
+DEFAULT_CHUNK_2D = 2048
+DEFAULT_CHUNK_3D = 128
+
+
+#: Foreground threshold of 2-class models without one of their own, as in
+#: :func:`biounet.postprocess.probabilities_to_labels`.
+FOREGROUND_THRESHOLD = 0.5
+
+#: Serialises compiled forward passes across Dask's worker threads.
+_COMPILED_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How one spatial axis of ``size`` px is cut into output chunks.
+
+    The padded axis holds ``margin`` mirrored px, then the output chunks ``chunks`` (all
+    multiples of ``2**depth``, covering ``size`` rounded up to one), then ``margin`` px.
+    """
+
+    size: int
+    margin: int
+    chunks: tuple[int, ...]
+
+    @property
+    def padded_chunks(self) -> tuple[int, ...]:
+        return (self.margin, *self.chunks, self.margin)
+
+
+def plan_chunks(config: UNetConfig, size: int, chunk: int) -> ChunkPlan:
+    """Output chunks along an axis: multiples of ``2**depth``, none smaller than the context.
+
+    ``chunk`` is rounded down to a multiple of ``2**depth`` (and up to the context if it is
+    smaller); the axis is covered up to ``size`` rounded up to a multiple of ``2**depth``; a
+    last chunk smaller than the context is merged into the one before it.
+    """
+    if chunk < 1 or size < 1:
+        raise ValueError(f"chunk and size must be positive, got chunk={chunk}, size={size}")
+    stride = config.stride
+    margin = max(chunk_context(config))
+    smallest = -(-margin // stride) * stride
+    chunk = max(chunk // stride * stride, smallest)
+    length = max(-(-size // stride) * stride, smallest)
+    chunks = [chunk] * (length // chunk) + ([length % chunk] if length % chunk else [])
+    if len(chunks) > 1 and chunks[-1] < margin:
+        rest = chunks.pop()
+        chunks[-1] += rest
+    return ChunkPlan(size, margin, tuple(chunks))
+
+
+def predict_dask(
+    model: UNet,
+    image: np.ndarray | da.Array | zarr.Array,
+    *,
+    channel_axis: int | None = None,
+    chunk: int | None = None,
+    tile: int | Sequence[int] | None = None,
+    batch_size: int = 4,
+    device: str | None = None,
+    precision: Precision = "float32",
+    intensity_range: np.ndarray | Sequence[float] | None = None,
+    compile: bool | CompileMode = False,
+) -> da.Array:
+    """Class probabilities of an image of any size as a lazy dask array, chunk by chunk.
+
+    Parameters
+    ----------
+    model : UNet
+        The network (valid padding for results equal to :func:`biounet.predict`).
+    image : array_like
+        A numpy, dask or Zarr array laid out as for :func:`biounet.predict`: ``(Y, X)``, a
+        stack ``(Z, Y, X)``, or either with a channel axis; ``(Z, Y, X)`` for 3D models.
+        Never loaded whole.
+    channel_axis : int, optional
+        The axis holding the channels (required for multi-channel models).
+    chunk : int, optional
+        Output pixels per chunk and spatial axis (default 2048 for 2D, 128 for 3D models),
+        rounded to a multiple of ``2**depth``. Memory per chunk grows with its square.
+    tile, batch_size, device, precision, compile
+        As for :func:`biounet.predict`, applied inside each chunk.
+    intensity_range : array_like, optional
+        ``(low, high)`` intensities (or one pair per channel) that the model's percentiles
+        map to 0 and 1. Default: measured over the whole image first
+        (:func:`intensity_percentiles`, one pass over the image).
+
+    Returns
+    -------
+    dask.array.Array of float32
+        ``(num_classes, *spatial)`` or ``(Z, num_classes, Y, X)`` for a stack; computing it
+        (or storing it with ``dask.array.store``/``to_zarr``) runs the network chunk by
+        chunk on the active Dask scheduler.
+
+    Notes
+    -----
+    Each chunk carries :func:`biounet.prediction.chunk_context` px of its neighbours, read with
+    ``dask.array.map_overlap``; see the module notes for why the result equals
+    :func:`biounet.predict` to float32 rounding (valid padding). Test-time augmentation is
+    not available here.
+    """
+    array = da.from_zarr(image) if isinstance(image, zarr.Array) else image
+    array = array if hasattr(array, "__dask_graph__") else da.from_array(np.asarray(array))
+    items, stacked = model_items(array, model.config, channel_axis)
+    ranges = _ranges(model, items, intensity_range)
+    prob = _predict_items(model, items, ranges, chunk=chunk, options=dict(
+        tile=tile, batch_size=batch_size, device=device, precision=precision, compile=compile))  # fmt: skip
+    return prob if stacked else prob[0]
+
+
+def _ranges(model: UNet, items: da.Array, intensity_range: Any) -> np.ndarray | None:
+    """(items, channels, 2) intensity ranges for the model's normalisation (None if it has none)."""
+    if model.info.normalization is None:
+        return None
+    if intensity_range is None:
+        return intensity_percentiles(items, *model.info.normalization)
+    values = check_intensity_range(intensity_range, items.shape[1])
+    return np.broadcast_to(values, (items.shape[0], *values.shape))
+
+
+def _predict_items(
+    model: UNet, items: da.Array, ranges: np.ndarray | None, *, chunk: int | None, options: dict[str, Any]
+) -> da.Array:
+    """(items, classes, *spatial) probabilities of (items, channels, *spatial) pixels, lazily."""
+    config = model.config
+    if model.training:  # chunks run in parallel threads: none may switch a shared model's mode
+        model = copy.deepcopy(model).eval()
+    chunk = chunk or (DEFAULT_CHUNK_2D if config.dims == 2 else DEFAULT_CHUNK_3D)
+    plans = [plan_chunks(config, size, chunk) for size in items.shape[2:]]
+    padded = items
+    for axis, plan in enumerate(plans, start=2):
+        padded = _mirror_extend(padded, axis, plan.margin, sum(plan.padded_chunks) - plan.margin - plan.size)
+    padded = padded.rechunk((1, -1, *(plan.padded_chunks for plan in plans)))
+    before, after = chunk_context(config)
+    spatial = range(2, items.ndim)
+    prob = da.map_overlap(
+        _predict_block,
+        padded,
+        depth={0: 0, 1: 0, **{axis: (before, after) for axis in spatial}},
+        boundary="none",
+        trim=False,
+        allow_rechunk=False,
+        chunks=(padded.chunks[0], (config.num_classes,), *padded.chunks[2:]),
+        dtype=np.float32,
+        meta=np.empty((0,) * items.ndim, np.float32),
+        model=dask.delayed(model, pure=False, traverse=False),
+        ranges=ranges,
+        context=[(before, after)] * config.dims,
+        options=options,
+    )
+    return prob[(slice(None), slice(None), *(slice(p.margin, p.margin + p.size) for p in plans))]
+
+
+def _mirror_extend(array: da.Array, axis: int, before: int, after: int) -> da.Array:
+    """Mirror-pad one axis of a dask array by the in-memory predictor's rule."""
+    size = array.shape[axis]
+    index = mirror_indices(size, before, after)
+    parts = [da.take(array, index[:before], axis=axis), array, da.take(array, index[before + size :], axis=axis)]
+    return da.concatenate(parts, axis=axis)
+
+
+def _predict_block(
+    window: np.ndarray,
+    *,
+    model: UNet,
+    ranges: np.ndarray | None,
+    context: list[tuple[int, int]],
+    options: dict[str, Any],
+    block_info: dict | None = None,
+) -> np.ndarray:
+    """Probabilities of one output chunk from its window (the chunk plus its context)."""
+    assert block_info is not None
+    where, grid = block_info[0]["chunk-location"], block_info[0]["num-chunks"]
+    if any(k in (0, n - 1) for k, n in zip(where[2:], grid[2:], strict=True)):
+        return np.zeros(block_info[None]["chunk-shape"], np.float32)  # a mirrored margin: sliced off, never computed
+    item_range = None if ranges is None else ranges[where[0]]
+    # torch.compile'd code (and its CUDA graphs) is not thread-safe: compiled chunks run one at a time
+    with _COMPILED_LOCK if options.get("compile") else contextlib.nullcontext():
+        prob = predict(model, window[0], channel_axis=0, intensity_range=item_range, context=context,
+                       progress=False, **options)  # fmt: skip
+    return prob[None]
+
+
+class _TqdmCallback(Callback):
+    """A tqdm bar over the tasks of a local Dask computation."""
+
+    def __init__(self, desc: str, enabled: bool) -> None:
+        super().__init__()
+        self._desc, self._enabled, self._bar = desc, enabled, None
+
+    def _start_state(self, dsk: Any, state: dict) -> None:
+        from tqdm.auto import tqdm
+
+        total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
+        self._bar = tqdm(total=total, desc=self._desc, unit="task", disable=not self._enabled, leave=False)
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: dict, worker_id: Any) -> None:
+        self._bar.update(1)
+
+    def _finish(self, dsk: Any, state: dict, errored: bool) -> None:
+        self._bar.close()
+
+
+def _on_cluster() -> bool:
+    try:
+        from distributed import get_client
+
+        get_client()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def predict_to_zarr(
+    model: UNet,
+    items: da.Array,
+    output: Path,
+    stem: str,
+    *,
+    stack_axis: str | None = None,
+    save: Sequence[str] = ("probabilities", "labels"),
+    zarr_format: int = 2,
+    scale: dict[str, float] | None = None,
+    chunk: int | None = None,
+    tile: int | None = None,
+    batch_size: int = 4,
+    device: str | None = None,
+    precision: Precision = "float32",
+    compile: bool | CompileMode = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Predict ``(items, channels, *spatial)`` pixels chunk by chunk into OME-Zarr images.
+
+    Writes ``<stem>_probabilities.ome.zarr`` (float32, classes on the channel axis) and
+    ``<stem>_labels.ome.zarr`` (uint32 instance labels, one per object across chunks, for
+    2-class models; the arg-max class for more classes), each a single-scale OME-Zarr
+    image (NGFF 0.4 on Zarr v2, or NGFF 0.5 on Zarr v3) chunked like the prediction.
+    Each output is written to a temporary folder and renamed into place when complete.
+    Runs on the active ``dask.distributed`` client if there is one, else on local threads.
+
+    Parameters
+    ----------
+    model : UNet
+        The network.
+    items : dask.array.Array
+        ``(items, channels, *spatial)``; more than one item only with ``stack_axis``.
+    output : Path
+        An existing folder.
+    stem : str
+        The outputs' name prefix.
+    stack_axis : {"T", "Z", ...}, optional
+        The letter of the item axis of a stack: ``"T"`` becomes an NGFF time axis, any other
+        letter a ``z`` space axis (2D models only), put after the class axis as NGFF asks.
+    save : sequence of {"probabilities", "labels"}
+        What to write.
+    zarr_format : {2, 3}
+        Zarr v2 with NGFF 0.4 metadata, or Zarr v3 with NGFF 0.5 metadata.
+    scale : dict, optional
+        Pixel size per spatial axis letter, copied into the metadata.
+    chunk, tile, batch_size, device, precision, compile
+        See :func:`predict_dask`.
+    progress : bool
+        A tqdm bar over the Dask tasks (local scheduler only).
+
+    Returns
+    -------
+    list of Path
+        The written folders.
+    """
+    config = model.config
+    if items.ndim != config.dims + 2 or (items.shape[0] != 1 and stack_axis is None):
+        raise ValueError(f"items: expected (items, channels, {config.dims} spatial axes), got shape {items.shape}")
+    if set(save) - {"probabilities", "labels"} or zarr_format not in (2, 3):
+        raise ValueError(f"save must list 'probabilities'/'labels', zarr_format be 2 or 3; got {save}, {zarr_format}")
+    if stack_axis is not None and stack_axis != "T" and config.dims == 3:
+        raise ValueError(f"a 3D model's input can only be stacked along time (T), not {stack_axis!r}")
+    options = dict(tile=tile, batch_size=batch_size, device=device, precision=precision, compile=compile)
+    prob = _predict_items(model, items, _ranges(model, items, None), chunk=chunk, options=options)
+    # NGFF orders axes time, channel, space: a plane stack's item axis goes after the classes
+    space = [(a, "space") for a in "zyx"[3 - config.dims :]]
+    if stack_axis is None:
+        prob, prob_axes, label_axes = prob[0], [("c", "channel"), *space], space
+    elif stack_axis == "T":
+        prob_axes, label_axes = [("t", "time"), ("c", "channel"), *space], [("t", "time"), *space]
+    else:
+        prob = prob.transpose(1, 0, *range(2, prob.ndim))
+        prob_axes, label_axes = [("c", "channel"), ("z", "space"), *space], [("z", "space"), *space]
+    class_axis = prob_axes.index(("c", "channel"))
+    postprocess = model.info.postprocess
+    if config.num_classes == 2 or postprocess.get("split") == "border":
+        skipped = {k: v for k, v in postprocess.items() if k != "threshold" and v not in (None, 0, "none")}
+        if skipped:  # splitting and size filtering need whole objects, which chunks do not have
+            log.warning("%s: streamed labels are the connected components of p > threshold; the model's "
+                        "post-processing %s is not applied to them (it is to in-memory predictions)",
+                        stem, skipped)  # fmt: skip
+        index = (slice(None),) * class_axis
+        foreground = prob[index + (1,)] if config.num_classes == 2 else 1 - prob[index + (0,)]  # interior + border
+        labels = foreground > postprocess.get("threshold", FOREGROUND_THRESHOLD)
+    else:
+        labels = prob.argmax(axis=class_axis).astype(np.uint16)
+
+    written: list[Path] = []
+    work: list[Any] = []
+    label_job = None
+    with contextlib.ExitStack() as stack:
+
+        def target(suffix: str, like: da.Array, dtype: Any, axes: list[tuple[str, str]]) -> zarr.Array:
+            path = output / f"{stem}_{suffix}.ome.zarr"
+            written.append(path)
+            folder = stack.enter_context(atomic_folder(path))
+            return ngff_array(folder, f"{stem}_{suffix}", like, dtype, axes, scale or {}, zarr_format)
+
+        if "probabilities" in save:
+            work.append(store_blocks(prob, target("probabilities", prob, np.float32, prob_axes)))
+        if "labels" in save and config.num_classes == 2:
+            label_job = LabelJob(labels, target("labels", labels, np.uint32, label_axes), config.dims)
+            work += label_job.work
+        elif "labels" in save:
+            work.append(store_blocks(labels, target("labels", labels, np.uint16, label_axes)))
+        if work:
+            with _TqdmCallback(f"{stem} chunks", progress and not _on_cluster()):
+                results = dask.compute(*work)
+        if label_job is not None:
+            label_job.finish(results[-len(label_job.work) :])
+    return written
