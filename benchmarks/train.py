@@ -118,7 +118,7 @@ def biounet_steps(args: argparse.Namespace, device: torch.device) -> dict[str, f
 
 def cpu_recipe_steps(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[float, int, int]]:
     """Seconds per step of the ``fast`` preset with its data pipeline, by configuration; tile in and out sides."""
-    from biounet.prediction import resolve_precision
+    from biounet.device import resolve_precision
     from biounet.data import weight_map
 
     config = TrainConfig.preset("fast")

@@ -18,7 +18,7 @@ import numpy as np
 from biounet.data import Sample, make_sample, read_manifest  # noqa: F401 (read_manifest: re-exported)
 from biounet.postprocess import labels_from_probabilities
 from biounet.io import atomic_write, label_overlay, to_uint8
-from biounet.metrics import iou_per_class, isbi_scores, match_objects, seg_score
+from biounet.metrics import isbi_scores, score_instances
 
 #: Data set folders under ``$BIOUNET_DATA``.
 EM_DIR, NUCLEI_DIR = "isbi2012-em", "dsb2018-nuclei"
@@ -203,20 +203,21 @@ def nuclei_scores(
     ``postprocess`` (a model's ``info.postprocess``, e.g. ``{"split": "distance"}``), the
     labels that ``biounet predict`` writes for that model. Keys: ``iou`` (foreground IoU),
     ``seg`` (Cell Tracking Challenge SEG), ``f1`` and ``ap`` (object F1 and
-    TP / (TP + FP + FN) at IoU > 0.5), ``touching`` and ``merged`` (:func:`merged_touching_pairs`).
+    TP / (TP + FP + FN) at IoU > 0.5), all of :func:`biounet.metrics.score_instances`, and
+    ``touching`` and ``merged`` (:func:`merged_touching_pairs`).
     """
     return nuclei_label_scores(gt, labels_from_probabilities(probabilities, **(postprocess or {})))
 
 
 def nuclei_label_scores(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """:func:`nuclei_scores` of predicted instance labels (a peer's masks, e.g. Cellpose's)."""
-    matching = match_objects(gt, pred, thresholds=(0.5,))
+    scores = score_instances(gt, pred, thresholds=(0.5,))
     touching, merged = merged_touching_pairs(gt, pred)
     return {
-        "iou": float(iou_per_class(gt > 0, pred > 0, 2)[1]),
-        "seg": seg_score(gt, pred),
-        "f1": float(matching.f1[0]),
-        "ap": float(matching.average_precision[0]),
+        "iou": scores.foreground_iou,
+        "seg": scores.seg,
+        "f1": float(scores.f1[0]),
+        "ap": float(scores.average_precision[0]),
         "touching": touching,
         "merged": merged,
     }

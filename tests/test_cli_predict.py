@@ -53,7 +53,7 @@ def test_compile_option_takes_the_modes(tmp_path, model_dir, capsys, monkeypatch
         main([*args, "--compile", "fastest"])
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
     seen = []
-    monkeypatch.setattr(prediction, "predict_files", lambda *a, **kw: seen.append(kw["compile"]) or PredictReport())
+    monkeypatch.setattr(prediction, "predict_files", lambda *a, **kw: seen.append(kw["options"].compile) or PredictReport())
     for extra, mode in (([], False), (["--compile"], "default"), (["--compile", "reduce-overhead"], "reduce-overhead")):
         assert main([*args, *extra]) == 0
     assert seen == [False, "default", "reduce-overhead"]  # what reaches predict_files
@@ -176,7 +176,7 @@ def test_outputs_never_overwrite_ground_truth_inputs_or_each_other(tmp_path, mod
 
 
 def test_cli_precision_defaults_to_auto_resolved_by_the_device(tmp_path, model_dir, monkeypatch):
-    from biounet.prediction import _device
+    from biounet import device as _device
 
     image = np.random.default_rng(4).random((30, 40)).astype(np.float32)
     tifffile.imwrite(tmp_path / "a.tif", image)

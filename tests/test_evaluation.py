@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 from scipy import ndimage
-from test_metrics import cells_and_membranes, soft
+from test_metrics import cells_and_membranes, merged_and_missed, soft
 
 from biounet import evaluation as E
 from biounet import metrics as M
@@ -100,6 +100,23 @@ def test_cli_evaluate_writes_report(tmp_path, capsys):
     labels = probabilities_to_labels(prob, split="distance", min_size=5)
     expected = M.match_objects(ndimage.label(gt > 0)[0], labels).mean_average_precision
     assert data["mean"]["map"] == pytest.approx(expected)
+
+
+def test_cell_scores_are_those_of_score_instances(tmp_path):
+    gt, pred = merged_and_missed()
+    tifffile.imwrite(tmp_path / "a.tif", gt)
+    tifffile.imwrite(tmp_path / "a_labels.tif", pred)
+    (row,) = E.evaluate_files([(tmp_path / "a_labels.tif", tmp_path / "a.tif")], metrics="cells", progress=False)
+    s = M.score_instances(gt, pred, thresholds=M.IOU_THRESHOLDS)
+    i75 = M.IOU_THRESHOLDS.index(0.75)
+    assert row == {
+        "prediction": str(tmp_path / "a_labels.tif"), "ground_truth": str(tmp_path / "a.tif"),
+        "iou": s.foreground_iou, "dice": s.foreground_dice, "seg": s.seg, "ap50": s.average_precision[0],
+        "ap75": s.average_precision[i75], "map": s.mean_average_precision, "precision50": s.precision[0],
+        "recall50": s.recall[0], "f1_50": s.f1[0], "n_true": 4.0, "n_pred": 2.0,
+    }  # fmt: skip
+    # by hand (test_metrics.merged_and_missed): 24 of 36 foreground pixels shared, D alone matched (IoU 0.6)
+    assert (row["iou"], row["dice"], row["ap50"], row["f1_50"], row["ap75"]) == (24 / 36, 0.8, 1 / 5, 1 / 3, 0.0)
 
 
 def test_cli_evaluate_errors_name_both_files(tmp_path, capsys):

@@ -226,6 +226,22 @@ def test_overlay_and_png(tmp_path):
         write_png(tmp_path / "bad.png", image)
 
 
+def test_overlay_colours_are_tab20_dark_shades_then_light_ones_cycled():
+    import matplotlib
+
+    tab20 = np.round(np.asarray(matplotlib.colormaps["tab20"].colors) * 255).astype(np.uint8)
+    order = [*range(0, 20, 2), *range(1, 20, 2)]  # blue, orange, green, ..., then light blue, light orange, ...
+    labels = np.zeros((3, 4 * 21), np.uint16)
+    for k in range(1, 22):
+        labels[:, 4 * k - 4 : 4 * k - 1] = k  # 3x3 blocks: 8 outline pixels around one inside pixel
+    rgb = label_overlay(np.zeros(labels.shape), labels, alpha=1.0)  # alpha 1: the inside is the colour too
+    for k in range(1, 22):
+        np.testing.assert_array_equal(rgb[labels == k], np.tile(tab20[order[(k - 1) % 20]], (9, 1)), err_msg=str(k))
+    assert (rgb[labels == 0] == 0).all()  # background: the gray image, untinted
+    tinted = label_overlay(np.zeros(labels.shape), labels)  # alpha 0.35 over black: 0.35 * (31, 119, 180)
+    assert tinted[1, 1].tolist() == [11, 42, 63] and tinted[1, 2].tolist() == [31, 119, 180]  # inside, outline
+
+
 def test_atomic_write_gives_usual_permissions(tmp_path):
     import os
 

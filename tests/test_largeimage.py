@@ -9,6 +9,7 @@ import logging
 import dask
 import dask.array as da
 import numpy as np
+import ome_zarr_models
 import pytest
 import tifffile
 import torch
@@ -16,12 +17,14 @@ import zarr
 from scipy import ndimage
 
 from biounet import UNet, load_model, predict
+from biounet.errors import InputError
 from biounet.prediction import _chunked, _files
 from biounet.cli import main
 from biounet.postprocess import labels_from_probabilities
 from biounet.io import intensity_percentiles, ngff_attributes, open_image
 from biounet.prediction import label_chunked, plan_chunks, predict_dask, predict_to_zarr
-from biounet.prediction import chunk_context, mirror_indices
+from biounet.prediction import chunk_context
+from biounet.borders import mirror_indices
 
 
 def net(depth: int = 2, width: int = 4, seed: int = 0, **kwargs) -> UNet:
@@ -193,7 +196,16 @@ def check_ngff(path, axes, zarr_format):
     if zarr_format == 2:
         assert image["version"] == "0.4"
         assert json.loads((path / "0" / ".zarray").read_text())["dimension_separator"] == "/"
+    model = ome_zarr_models.open_ome_zarr(group)  # the reference validator: raises on invalid metadata
+    assert type(model) is (ome_zarr_models.v04.Image if zarr_format == 2 else ome_zarr_models.v05.Image)
     return group["0"][:]
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_ngff_attributes_refuse_axes_out_of_the_specified_order(zarr_format):
+    with pytest.raises(InputError, match="ngff_attributes: axes .* are not valid OME-Zarr axes"):
+        ngff_attributes([("y", "space"), ("c", "channel"), ("x", "space")], [1, 1, 1], zarr_format=zarr_format,
+                        name="bad")  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", ["v3-array", "v2-array", "ngff-0.4"])
@@ -263,7 +275,8 @@ def test_streamed_failures_leave_no_output_and_tta_is_refused(tmp_path, model_di
     zarr.create_array(str(tmp_path / "a.zarr"), shape=(40, 40), chunks=(20, 20), dtype=np.float32)[:] = 1.0
     argv = ["predict", str(model_dir), str(tmp_path / "a.zarr"), "-o", str(tmp_path / "o"), "--no-progress"]
     assert main([*argv, "--tta"]) == 1
-    assert "--tta is not available" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "test-time augmentation is not available for streamed" in err  # a per-file failure, logged
 
     def boom(*args, **kwargs):
         raise RuntimeError("out of memory")

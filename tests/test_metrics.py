@@ -607,6 +607,135 @@ def test_object_matching_edge_cases():
 
 
 # --------------------------------------------------------------------------------------------
+# One instance scoring for every caller: score_instances
+# --------------------------------------------------------------------------------------------
+def merged_and_missed() -> tuple[np.ndarray, np.ndarray]:
+    """Four true objects: A and B (6 px each, touching) come out as one predicted object of
+    12 px, C (4 px) is missed, D (16 px) is found one column off (12 px shared)."""
+    gt = np.zeros((8, 12), np.uint16)
+    gt[0:2, 0:3], gt[0:2, 3:6], gt[5:7, 0:2], gt[4:8, 8:12] = 1, 2, 3, 4
+    pred = np.zeros((8, 12), np.int32)
+    pred[0:2, 0:6], pred[4:8, 7:11] = 7, 2
+    return gt, pred
+
+
+def test_score_instances_by_hand():
+    gt, pred = merged_and_missed()
+    s = M.score_instances(gt, pred, thresholds=(0.5, 0.55, 0.75))
+    # foregrounds: |G| = 6 + 6 + 4 + 16 = 32, |P| = 12 + 16 = 28, |G n P| = 12 + 12 = 24, |G u P| = 36
+    assert (s.pixels, s.foreground_intersection, s.foreground_union) == (96, 24, 36)
+    assert s.foreground_iou == 24 / 36 and s.foreground_dice == 2 * 24 / (32 + 28)
+    # object IoUs: A and B with the merged object 6 / 12 = 0.5 each (not > 0.5), D 12 / 20 = 0.6, C none
+    assert (s.n_true, s.n_pred) == (4, 2)
+    np.testing.assert_array_equal(s.thresholds, [0.5, 0.55, 0.75])
+    np.testing.assert_array_equal(np.stack([s.tp, s.fp, s.fn]), [[1, 1, 0], [1, 1, 2], [3, 3, 4]])
+    np.testing.assert_allclose(s.precision, [1 / 2, 1 / 2, 0], rtol=1e-15)
+    np.testing.assert_allclose(s.recall, [1 / 4, 1 / 4, 0], rtol=1e-15)
+    np.testing.assert_allclose(s.f1, [2 / 6, 2 / 6, 0], rtol=1e-15)
+    np.testing.assert_allclose(s.average_precision, [1 / 5, 1 / 5, 0], rtol=1e-15)  # TP / (TP + FP + FN)
+    assert s.mean_average_precision == pytest.approx(2 / 15, rel=1e-15)
+    # SEG: A and B are each covered entirely (> half) by the merged object, J = 6 / 12; C 0; D J = 12 / 20
+    assert s.seg == pytest.approx((0.5 + 0.5 + 0.0 + 0.6) / 4, rel=1e-15)
+    assert s.foreground_iou == M.iou_per_class(gt > 0, pred > 0, 2)[1]
+    assert s.foreground_dice == M.dice_per_class(gt > 0, pred > 0, 2)[1]
+    assert M.score_instances(gt, pred).thresholds.tolist() == [0.5]  # the default: IoU 0.5 alone
+
+
+def test_score_instances_edge_cases_and_invariances():
+    import biounet
+
+    empty = np.zeros((3, 4), np.uint8)
+    none = M.score_instances(empty, empty)
+    assert (none.foreground_iou, none.foreground_dice, none.seg, none.f1[0], none.average_precision[0]) == (
+        1.0, 1.0, 0.0, 1.0, 1.0)  # fmt: skip
+    gt, pred = merged_and_missed()
+    missed = M.score_instances(gt, np.zeros_like(pred))
+    assert (missed.foreground_iou, missed.seg, missed.recall[0], missed.precision[0], missed.fn[0]) == (0, 0, 0, 0, 4)
+    s = M.score_instances(gt, pred)
+    renumbered = M.score_instances(gt, np.where(pred > 0, 100 - pred, 0))
+    volume = M.score_instances(np.stack([gt, gt]), np.stack([pred, pred]))  # each object spans two slices
+    for other in (renumbered, volume):
+        assert (other.foreground_iou, other.seg, other.f1[0], other.average_precision[0]) == (
+            s.foreground_iou, s.seg, s.f1[0], s.average_precision[0])  # fmt: skip
+    assert volume.pixels == 2 * s.pixels and volume.foreground_union == 2 * s.foreground_union
+    with pytest.raises(ValueError, match=r"gt_labels and pred_labels must have the same shape"):
+        M.score_instances(gt, pred[:4])
+    with pytest.raises(ValueError, match="thresholds must be"):
+        M.score_instances(gt, pred, thresholds=(0.3,))
+    with pytest.raises(ValueError, match="pred_labels has negative labels"):
+        M.score_instances(gt, -pred)
+    assert biounet.score_instances is M.score_instances
+
+
+def test_experiments_score_with_score_instances(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "experiments"))
+    import common
+
+    gt, pred = merged_and_missed()
+    s = M.score_instances(gt, pred)
+    # A and B touch and come out merged
+    expected = {"iou": s.foreground_iou, "seg": s.seg, "f1": s.f1[0], "ap": s.average_precision[0],
+                "touching": 1, "merged": 1}  # fmt: skip
+    assert common.nuclei_label_scores(gt, pred) == expected
+    assert (expected["iou"], expected["f1"], expected["ap"]) == (24 / 36, 1 / 3, 1 / 5)
+    probabilities = np.stack([pred == 0, pred > 0]).astype(np.float32)  # the same two objects
+    assert common.nuclei_scores(gt, probabilities) == expected
+
+
+def test_validation_pools_the_pixels_of_score_instances():
+    from biounet import load_model, make_sample, predict, synthetic_cells
+    from biounet.postprocess import labels_from_probabilities
+    from biounet.training import evaluate_samples
+
+    model = load_model("nuclei")
+    pairs = synthetic_cells(2, (96, 112), seed=5)
+    samples = [make_sample(image, labels, name=str(i)) for i, (image, labels) in enumerate(pairs)]
+    got = evaluate_samples(model, samples, v_rand=False)
+    scores = []
+    for sample in samples:
+        labels = labels_from_probabilities(predict(model, sample.image, progress=False), **model.info.postprocess)
+        scores.append(M.score_instances(sample.labels, labels))
+    inter = sum(s.foreground_intersection for s in scores)
+    union = sum(s.foreground_union for s in scores)
+    assert got["iou"] == inter / union  # pooled: the sums of the per-image counts
+    assert got["pixel_error"] == (union - inter) / sum(s.pixels for s in scores)
+    assert got["f1"] == pytest.approx(np.mean([s.f1[0] for s in scores]), rel=1e-15)
+    assert got["ap"] == pytest.approx(np.mean([s.average_precision[0] for s in scores]), rel=1e-15)
+    assert 0 < got["iou"] < 1 and 0 < got["f1"] <= 1 and math.isnan(got["v_rand"])
+
+
+def test_demo_scores_with_score_instances(tmp_path, monkeypatch):
+    import biounet.model
+    import biounet.prediction
+    import biounet.training
+    from biounet import UNet, read_image, synthetic_cells
+    from biounet.demo import run_demo
+    from biounet.postprocess import labels_from_probabilities
+
+    model = UNet(depth=2, base_channels=4)
+
+    def fake_predict(model, image, **_):  # the cells' smoothed intensity as p(cell): touching cells merge
+        cells = ndimage.gaussian_filter(image.astype(np.float32), 1.0)
+        cells = (cells - cells.min()) / (cells.max() - cells.min())
+        return np.stack([1 - cells, cells])
+
+    monkeypatch.setattr(biounet.training, "train", lambda *args, **kwargs: model)
+    monkeypatch.setattr(biounet.prediction, "predict", fake_predict)
+    monkeypatch.setattr(biounet.model, "load_model", lambda name: model)
+    monkeypatch.delenv("BIOUNET_DATA", raising=False)
+    result = run_demo(tmp_path, steps=1, n_train=1, progress=False)
+    truth = synthetic_cells(1, (480, 640), seed=1000)[0][1]
+    s = M.score_instances(truth, read_image(tmp_path / "heldout_labels.tif"))
+    assert (result.iou, result.f1) == (s.foreground_iou, s.f1[0])
+    assert 0 < result.iou < 1 and 0 < result.f1 < 1
+    image, truth = synthetic_cells(1, (512, 512), seed=2000)[0]  # the shipped model's image without data
+    shipped = M.score_instances(truth, labels_from_probabilities(fake_predict(model, image)))
+    assert result.shipped is not None and result.shipped.f1 == shipped.f1[0]
+
+
+# --------------------------------------------------------------------------------------------
 # Real data
 # --------------------------------------------------------------------------------------------
 @pytest.mark.data

@@ -338,7 +338,7 @@ def test_broken_weight_files_are_one_clear_error(tmp_path):
 
 
 def test_devices_this_torch_cannot_use_are_one_line(tmp_path):
-    from biounet.prediction import check_device
+    from biounet.device import check_device
 
     assert check_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="'gpu' is not a torch device"):

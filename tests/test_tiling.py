@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from biounet import UNet, UNetConfig, plan_tiles, predict, predict_steps, tiling_efficiency
 from biounet.prediction import tile_input_shapes
 from biounet.io import normalize_percentile
-from biounet.prediction import DIHEDRAL, dihedral, dihedral_inverse, mirror_indices, mirror_pad
+from biounet.prediction import DIHEDRAL, dihedral, dihedral_inverse
+from biounet.borders import mirror_indices, mirror_pad
 
 
 def whole_image_reference(model: UNet, image: np.ndarray) -> np.ndarray:
@@ -248,3 +249,85 @@ def test_a_tile_below_the_smallest_is_raised_with_a_warning(caplog):
     with caplog.at_level("WARNING", logger="biounet.prediction"):
         plan_tiles(config, (100, 100))
     assert caplog.text == ""
+
+
+# --------------------------------------------------------------------------------------------
+# The pure stitcher, the options, and the caller's model left alone
+# --------------------------------------------------------------------------------------------
+def crop_forward(geometry: UNetConfig):
+    """A "network" that is no UNet: logits (x, -x) of the centre of each input tile."""
+    calls = []
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(batch.shape))
+        halo = (batch.shape[-1] - geometry.output_size(batch.shape[-1])) // 2
+        centre = batch[:, :1, halo : batch.shape[-2] - halo, halo : batch.shape[-1] - halo]
+        return torch.cat([centre, -centre], dim=1)
+
+    return forward, calls
+
+
+@pytest.mark.parametrize("tile", [None, 124, 156])
+def test_stitcher_runs_any_callable_and_tiles_it_exactly(tile):
+    from biounet.prediction import stitch_steps
+
+    geometry = UNetConfig(depth=2, base_channels=2)
+    image = np.random.default_rng(0).random((1, 1, 90, 130)).astype(np.float32)
+    forward, calls = crop_forward(geometry)
+    steps = list(stitch_steps(forward, image, geometry, tile=tile, batch_size=3))
+    prob = steps[-1].result
+    # softmax of (x, -x) is sigmoid(2x): the stitched tiles must give it at every pixel of the image
+    expected = 1 / (1 + np.exp(-2 * image[0, 0].astype(np.float64)))
+    assert prob.shape == (1, 2, 90, 130)
+    np.testing.assert_allclose(prob[0, 0], expected, atol=1e-6)
+    assert all(shape[1:2] == (1,) and geometry.valid_input_size(shape[-1]) == shape[-1] for shape in calls)
+    assert steps[-1].done == steps[-1].total == len(calls) if tile is None else steps[-1].total > 1
+
+
+def test_predict_leaves_the_callers_model_as_it_was(tiny_model):
+    model = tiny_model.train()
+    before = {k: (v.clone(), v.data_ptr(), v.is_contiguous()) for k, v in model.state_dict().items()}
+    image = np.random.default_rng(1).random((70, 60)).astype(np.float32)
+    first = predict(model, image, progress=False)
+    assert model.training  # not switched to eval
+    for k, v in model.state_dict().items():
+        value, pointer, contiguous = before[k]
+        assert torch.equal(v, value) and v.data_ptr() == pointer and v.is_contiguous() == contiguous, k
+    np.testing.assert_array_equal(predict(model.eval(), image, progress=False), first)  # eval mode: the same
+
+
+def test_the_prepared_copy_is_reused_until_the_weights_change(monkeypatch):
+    import copy
+
+    from biounet.prediction import _device
+
+    torch.manual_seed(0)
+    model = UNet(depth=2, base_channels=4, dropout=0.0)
+    copies = []
+    real = copy.deepcopy
+    monkeypatch.setattr(_device.copy, "deepcopy", lambda obj: copies.append(1) or real(obj))
+    image = np.random.default_rng(2).random((64, 64)).astype(np.float32)
+    first = predict(model, image, progress=False)
+    again = predict(model, image, progress=False)
+    assert len(copies) == 1 and np.array_equal(first, again)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.5)  # an optimiser-like in-place update
+    changed = predict(model, image, progress=False)
+    assert len(copies) == 2 and not np.array_equal(changed, first)
+
+
+def test_options_are_checked_when_made_and_one_object_serves_every_call(tiny_model):
+    from biounet import PredictOptions
+
+    image = np.random.default_rng(3).random((40, 40)).astype(np.float32)
+    options = PredictOptions(tile=124, batch_size=2, progress=False)
+    np.testing.assert_array_equal(predict(tiny_model, image, options=options),
+                                  predict(tiny_model, image, tile=124, batch_size=2, progress=False))  # fmt: skip
+    assert options.replace(tta=True).tta and not options.tta
+    for bad, match in [(dict(batch_size=0), "batch_size must be an integer >= 1"),
+                       (dict(precision="half"), "precision must be one of"), (dict(tile=-3), "tile must be"),
+                       (dict(tta="yes"), "tta must be True or False"), (dict(compile="fast"), "compile must be")]:
+        with pytest.raises(ValueError, match=match):
+            PredictOptions(**bad)
+    with pytest.raises(ValueError, match="unknown prediction option.*tiles"):
+        predict(tiny_model, image, tiles=3)

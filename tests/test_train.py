@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +19,6 @@ import tifffile
 import torch
 
 from biounet.data import make_sample, synthetic_cells
-from biounet.training import read_events
 from biounet.training import soft_dice_loss, weighted_cross_entropy
 from biounet.model import UNetConfig
 from biounet.training import TrainConfig, auto_tile, largest_tile_within, train, train_steps
@@ -160,6 +160,19 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "last" / "weights.safetensors"))
 
 
+def _event_scalars(path: Path) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of a TensorBoard event file, read by its TFRecord framing (checksums: test_logs)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, out, at = path.read_bytes(), [], 0
+    while at < len(data):
+        (length,) = struct.unpack_from("<Q", data, at)
+        event = Event.FromString(data[at + 12 : at + 12 + length])
+        out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+        at += 16 + length
+    return out
+
+
 def test_train_writes_a_complete_run_folder(tmp_path):
     data = _write_synthetic(tmp_path / "data")
     run = tmp_path / "run"
@@ -171,9 +184,12 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     rows = (run / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss,lr") and len(rows) == 7
     assert rows[3].split(",")[6] != ""  # validation IoU at step 3
-    events = next(run.glob("events.out.tfevents.*"))
-    records = read_events(events)
-    assert len(records) == 7 and b"brain.Event:2" in records[0] and b"loss" in records[1]
+    (events,) = run.glob("events.out.tfevents.*")
+    scalars = _event_scalars(events)
+    loss = [(step, value) for step, tag, value in scalars if tag == "loss"]
+    assert [step for step, _ in loss] == [1, 2, 3, 4, 5, 6]
+    assert [value for _, value in loss] == pytest.approx([float(r.split(",")[1]) for r in rows[1:]], rel=1e-5)
+    assert [step for step, tag, _ in scalars if tag == "val_iou"] == [3, 6]
     subprocess.run(_biounet("predict", str(run / "best"), str(data / "images" / "s0.tif"), "-o", str(tmp_path / "p"),
                             "--no-progress"), check=True, timeout=120)  # fmt: skip
     assert (tmp_path / "p" / "s0_labels.tif").is_file()
@@ -320,13 +336,13 @@ def test_resume_gives_each_rank_its_own_random_streams():
 # CPU speed and selection (issue 11): precision, time budgets, best model by the task's score
 # ------------------------------------------------------------------------------------------
 def test_auto_precision_is_bfloat16_only_where_native(monkeypatch, caplog):
-    from biounet.prediction import _device as training
+    from biounet import device as training
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     assert training.resolve_precision("cpu") == "bfloat16"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    with caplog.at_level("INFO", logger="biounet.prediction"):
+    with caplog.at_level("INFO", logger="biounet.device"):
         assert training.resolve_precision("cpu") == "float32"
     assert "no native bfloat16, computing in float32" in caplog.text
     assert training.resolve_precision("meta") == "float32"

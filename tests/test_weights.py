@@ -170,9 +170,23 @@ def test_membranes_between_two_cells_get_the_highest_weight():
     assert w[:, 5].min() > w[:, np.r_[0:5, 6:11]].max()
 
 
+#: matplotlib's "jet": (x, value) corners of each channel's piecewise-linear segments
+JET = {"red": [(0.0, 0), (0.35, 0), (0.66, 1), (0.89, 1), (1.0, 0.5)],
+       "green": [(0.0, 0), (0.125, 0), (0.375, 1), (0.64, 1), (0.91, 0), (1.0, 0)],
+       "blue": [(0.0, 0.5), (0.11, 1), (0.34, 1), (0.65, 0), (1.0, 0)]}  # fmt: skip
+
+
+def _jet_bytes(t: np.ndarray) -> np.ndarray:
+    """A 256-entry table of the segments, entry ``min(int(256 t), 255)``, times 255 truncated to bytes."""
+    x = np.minimum((t * 256).astype(int), 255) / 255.0
+    return np.stack([(np.interp(x, *zip(*JET[c])) * 255).astype(np.uint8) for c in ("red", "green", "blue")], -1)
+
+
 def test_render_weight_map_colours():
     rgb = render_weight_map(np.array([[0.0, 1.0, 2.0, 4.0]]), vmax=2.0)
-    np.testing.assert_array_equal(rgb[0], [[0, 0, 128], [128, 255, 128], [128, 0, 0], [128, 0, 0]])
+    np.testing.assert_array_equal(rgb[0], [[0, 0, 127], [124, 255, 121], [127, 0, 0], [127, 0, 0]])
+    weights = np.linspace(0.0, 3.0, 301).reshape(7, 43)
+    np.testing.assert_array_equal(render_weight_map(weights), _jet_bytes(weights / 3.0))
     assert render_weight_map(np.zeros((2, 3))).shape == (2, 3, 3)
     with pytest.raises(ValueError, match="2D"):
         render_weight_map(np.zeros((2, 3, 3)))

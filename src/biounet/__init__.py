@@ -36,9 +36,10 @@ _EXPORTS: dict[str, str] = {
     # prediction
     "predict": "prediction",
     "predict_steps": "prediction",
+    "PredictOptions": "prediction",
     "plan_tiles": "prediction",
     "tiling_efficiency": "prediction",
-    "mirror_pad": "prediction",
+    "mirror_pad": "borders",
     "chunk_context": "prediction",
     "predict_dask": "prediction",
     "predict_to_zarr": "prediction",
@@ -68,6 +69,8 @@ _EXPORTS: dict[str, str] = {
     "class_frequencies": "data",
     "AugmentConfig": "data",
     "augment_batch": "data",
+    # metrics
+    "score_instances": "metrics",
     # training
     "TrainConfig": "training",
     "train": "training",
@@ -79,6 +82,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from biounet.borders import mirror_pad  # noqa: F401
     from biounet.data import (  # noqa: F401
         INSTANCE_LABELS,
         ISBI_MEMBRANES,
@@ -102,12 +106,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         write_png,
         write_tiff,
     )
+    from biounet.metrics import score_instances  # noqa: F401
     from biounet.model import ModelInfo, UNet, UNetConfig, available_models, load_model  # noqa: F401
     from biounet.postprocess import labels_from_probabilities, probabilities_to_labels  # noqa: F401
     from biounet.prediction import (  # noqa: F401
+        PredictOptions,
         chunk_context,
         label_chunked,
-        mirror_pad,
         plan_tiles,
         predict,
         predict_dask,

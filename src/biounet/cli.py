@@ -3,7 +3,9 @@
 Only the standard library is imported at module level so that ``biounet --help`` answers
 instantly; each command imports what it needs inside its handler.  Every command turns an
 expected failure (:class:`biounet.errors.BiounetError`, ``OSError``, ``ValueError``) into one
-clear line on stderr and a non-zero exit status; ``--debug`` shows the traceback instead.
+clear line on stderr and a non-zero exit status; ``--debug`` shows the traceback instead. The
+library's messages name its own arguments; where an error is about one (``error.option``),
+the line ends with the flag that sets it (:data:`FLAGS`): the flags' wording lives here only.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # Idle OpenMP threads sleep rather than spin (read when torch loads): up to 4x faster on a
     # shared 2-core machine, never slower there (docs/benchmarks.md, "CPU tiling").
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from biounet.prediction import predict_files
+    from biounet.prediction import PredictOptions, predict_files
 
     paths = list(args.paths)
     model = args.model if args.model else paths.pop(0)
@@ -87,21 +89,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--save: unknown output(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(PREDICT_OUTPUTS)}")
     if args.chunk is not None and args.chunk < 1:
         raise ValueError(f"--chunk must be a positive number of pixels, got {args.chunk}")
+    options = PredictOptions(tile=args.tile, batch_size=args.batch_size, device=args.device, precision=args.precision,
+                             compile=args.compile or False, tta=args.tta, progress=not args.no_progress)  # fmt: skip
     report = predict_files(
         model,
         [Path(p) for p in paths],
         Path(args.output),
+        options=options,
         save=save,
-        tile=args.tile,
-        batch_size=args.batch_size,
-        device=args.device,
-        precision=args.precision,
-        compile=args.compile or False,
-        tta=args.tta,
         channel_axis=args.channel_axis,
         chunk=args.chunk,
         scheduler=args.scheduler,
-        progress=not args.no_progress,
         debug=args.debug,
         overwrite=args.overwrite,
     )
@@ -321,11 +319,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from biounet.data import load_dataset
-    from biounet.data import split_samples
-    from biounet.training import read_run_config
-    from biounet.training import TrainConfig
-    from biounet.training import train
+    from biounet.data import load_dataset, split_samples
+    from biounet.training import TrainConfig, read_run_config, train
 
     run_dir = Path(args.output)
     saved = run_dir / "train_config.json"
@@ -404,23 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _TqdmAwareHandler(logging.StreamHandler):
-    """Writes log lines to the current ``sys.stderr`` without breaking tqdm bars."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # pragma: no cover - logging must never raise
-            self.handleError(record)
+#: the name of the stderr handler that :func:`main` puts on the ``biounet`` logger
+_HANDLER_NAME = "biounet-cli"
 
 
 def _setup_logging(level: int) -> None:
+    """Log lines to the current ``sys.stderr``; :func:`main` routes them through ``tqdm.write`` around bars."""
     logger = logging.getLogger("biounet")
-    for handler in [h for h in logger.handlers if isinstance(h, _TqdmAwareHandler)]:
+    for handler in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:  # main ran before
         logger.removeHandler(handler)
-    handler = _TqdmAwareHandler()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
@@ -428,8 +417,14 @@ def _setup_logging(level: int) -> None:
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings duplicate our error lines
 
 
+#: The flag of each library argument that an error can be about (``BiounetError.option``).
+FLAGS = {"resume": "--resume", "tta": "--tta", "scheduler": "--scheduler", "set": "--set"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``biounet`` console script."""
+    from biounet.errors import BiounetError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO)
@@ -448,16 +443,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         terminated.append(signum)
         raise KeyboardInterrupt
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     restore = _install(signal.SIGTERM, on_sigterm)
     try:
-        return int(handler(args) or 0)
+        with logging_redirect_tqdm([logging.getLogger("biounet")]):  # log lines do not break progress bars
+            return int(handler(args) or 0)
     except KeyboardInterrupt:  # atomic writes remove their temporary files; checkpoints stay resumable
         sys.stderr.write(f"biounet: {'terminated' if terminated else 'interrupted'}\n")
         return 143 if terminated else 130
-    except (ValueError, OSError, RuntimeError) as exc:
+    except (BiounetError, ValueError, OSError, RuntimeError) as exc:
         if args.debug:
             raise
-        sys.stderr.write(f"biounet {args.command}: error: {exc}\n")
+        flag = FLAGS.get(getattr(exc, "option", None) or "")
+        sys.stderr.write(f"biounet {args.command}: error: {exc}{f' ({flag})' if flag else ''}\n")
         return 1
     except MemoryError:
         if args.debug:

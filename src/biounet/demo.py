@@ -1,10 +1,11 @@
 """``make demo``: the main job on the embedded synthetic data, start to finish on a CPU.
 
 Generate touching synthetic cells, train the ``fast`` preset, segment a held-out image
-larger than one tile with the overlap-tile predictor, score it (foreground IoU, object F1 at
-IoU 0.5) and write an overlay and the training curves. Then segment a real-looking image
-with the shipped ``nuclei`` model: a held-out image of the DSB 2018 set it was validated on
-when ``$BIOUNET_DATA`` holds it, else synthetic fluorescence cells.
+larger than one tile with the overlap-tile predictor, score its instances (foreground IoU,
+object F1 at IoU 0.5: :func:`biounet.metrics.score_instances`) and write an overlay and the
+training curves. Then segment a real-looking image with the shipped ``nuclei`` model: a
+held-out image of the DSB 2018 set it was validated on when ``$BIOUNET_DATA`` holds it,
+else synthetic fluorescence cells.
 """
 
 from __future__ import annotations
@@ -50,17 +51,12 @@ def run_demo(
     """Train on synthetic cells and segment a held-out image; see the module docstring."""
     import torch
 
-    from biounet.data import make_sample
-    from biounet.data import synthetic_cells
-    from biounet.io import label_overlay
-    from biounet.io import write_png, write_tiff
-    from biounet.metrics import match_objects
-    from biounet.metrics import iou_per_class
+    from biounet.data import make_sample, synthetic_cells
+    from biounet.io import label_overlay, write_png, write_tiff
+    from biounet.metrics import score_instances
     from biounet.postprocess import labels_from_probabilities
-    from biounet.prediction import predict
-    from biounet.prediction import plan_tiles
-    from biounet.training import TrainConfig
-    from biounet.training import train
+    from biounet.prediction import plan_tiles, predict
+    from biounet.training import TrainConfig, train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,8 +81,8 @@ def run_demo(
     prob = predict(model, image, tile=tile, progress=progress)
     predict_seconds = time.perf_counter() - t0
     labels = labels_from_probabilities(prob, **model.info.postprocess)
-    iou = float(iou_per_class(truth > 0, prob[1] > 0.5, num_classes=2)[1])
-    f1 = float(match_objects(truth, labels, thresholds=(0.5,)).f1[0])
+    scores = score_instances(truth, labels, thresholds=(0.5,))
+    iou, f1 = scores.foreground_iou, float(scores.f1[0])
     files = (
         write_tiff(out_dir / "heldout_image.tif", image),
         write_tiff(out_dir / "heldout_labels.tif", labels),
@@ -108,11 +104,9 @@ def segment_with_shipped_model(
     found under ``$BIOUNET_DATA``; without the data, a 512x512 synthetic fluorescence
     image. The time covers prediction and post-processing, not loading.
     """
-    from biounet.data import read_manifest, read_sample
-    from biounet.data import synthetic_cells
-    from biounet.io import label_overlay
-    from biounet.io import write_png
-    from biounet.metrics import match_objects
+    from biounet.data import read_manifest, read_sample, synthetic_cells
+    from biounet.io import label_overlay, write_png
+    from biounet.metrics import score_instances
     from biounet.model import load_model
     from biounet.postprocess import labels_from_probabilities
     from biounet.prediction import predict
@@ -141,7 +135,7 @@ def segment_with_shipped_model(
     labels = labels_from_probabilities(prob, **model.info.postprocess)
     seconds = time.perf_counter() - t0
     overlay = write_png(Path(out_dir) / f"shipped_{name}_overlay.png", label_overlay(image, labels))
-    f1 = float(match_objects(truth, labels, thresholds=(0.5,)).f1[0])
+    f1 = float(score_instances(truth, labels, thresholds=(0.5,)).f1[0])
     objects = int(np.count_nonzero(np.unique(labels)))
     return ShippedResult(name, source, image.shape, seconds, objects, f1, overlay)
 

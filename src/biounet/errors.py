@@ -17,7 +17,16 @@ from __future__ import annotations
 
 
 class BiounetError(Exception):
-    """An expected failure, with a message for the person who ran biounet."""
+    """An expected failure, with a message for the person who ran biounet.
+
+    ``option`` names the argument of the library function the message is about (e.g.
+    ``"resume"``), so that the command line can point to its own flag for it; the message
+    itself speaks the library's language, never a flag's.
+    """
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 class InputError(BiounetError, ValueError):

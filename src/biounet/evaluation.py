@@ -16,11 +16,12 @@ from typing import Literal
 import numpy as np
 
 from biounet.data._weights import binary_to_instances
+from biounet.errors import InputError
 from biounet.io._files import PathLike, atomic_write
 from biounet.io._images import IMAGE_SUFFIXES, image_files, read_image, read_image_axes
 from biounet.metrics._isbi import isbi_scores
-from biounet.metrics._matching import match_objects, seg_score
-from biounet.metrics._overlap import dice_per_class, iou_per_class
+from biounet.metrics._instances import score_instances
+from biounet.metrics._matching import IOU_THRESHOLDS
 from biounet.postprocess import Split, probabilities_to_labels
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,9 @@ def _expand(paths: Sequence[PathLike], what: str) -> tuple[list[Path], bool]:
         elif path.is_file():
             files.append(path)
         else:
-            raise ValueError(f"{path}: no such {what} file or folder")
+            raise InputError(f"{path}: no such {what} file or folder")
     if not files:
-        raise ValueError(f"no {what} images found in {', '.join(map(str, paths))}")
+        raise InputError(f"no {what} images found in {', '.join(map(str, paths))}")
     return files, folder
 
 
@@ -101,7 +102,7 @@ def pair_files(
     for path in gt_files:
         other = by_key.setdefault(pairing_key(path), path)
         if other != path:
-            raise ValueError(f"ground-truth files {other} and {path} have the same name key {pairing_key(path)!r}")
+            raise InputError(f"ground-truth files {other} and {path} have the same name key {pairing_key(path)!r}")
     chosen: dict[str, Path] = {}
     for path in pred_files:
         key = pairing_key(path)
@@ -110,17 +111,17 @@ def pair_files(
             continue
         probability = [p for p in (other, path) if p.stem.lower().endswith(_PROBABILITY_SUFFIXES)]
         if len(probability) != 1:
-            raise ValueError(f"predictions {other} and {path} both pair with the name key {key!r}")
+            raise InputError(f"predictions {other} and {path} both pair with the name key {key!r}")
         chosen[key] = probability[0] if prefer == "probabilities" else ({other, path} - set(probability)).pop()
     missing = [str(p) for k, p in chosen.items() if k not in by_key]
     if missing and (not pred_folder or len(missing) == len(chosen)):
-        raise ValueError(
+        raise InputError(
             f"no ground truth for {', '.join(missing)} (paired by name key, e.g. {pairing_key(missing[0])!r}) "
             f"among {len(gt_files)} ground-truth file(s) in {', '.join(map(str, ground_truth))}"
         )
     unused = [str(p) for k, p in by_key.items() if k not in chosen]
     if unused and not gt_folder:
-        raise ValueError(f"no prediction for ground truth {', '.join(unused)}")
+        raise InputError(f"no prediction for ground truth {', '.join(unused)}")
     if missing or unused:
         log.info("unpaired files skipped: %s", ", ".join(missing + unused))
     return [(path, by_key[key]) for key, path in sorted(chosen.items()) if key in by_key]
@@ -137,7 +138,7 @@ def _read_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(prediction, ground truth): the prediction as float probabilities or integer labels."""
     gt = read_image(gt_path)
     if gt.dtype.kind not in "biu":
-        raise ValueError(f"{gt_path}: ground truth must hold integer labels, not {gt.dtype}")
+        raise InputError(f"{gt_path}: ground truth must hold integer labels, not {gt.dtype}")
     pred, axes = read_image_axes(pred_path)
     if pred.dtype.kind == "f":
         if pred.ndim == gt.ndim + 1:  # a class axis, as written by ``biounet predict`` (CYX, ZCYX)
@@ -145,9 +146,9 @@ def _read_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray]:
             pred = np.take(pred, 1 if pred.shape[axis] > 1 else 0, axis=axis)
         pred = pred.astype(np.float32)
         if not np.isfinite(pred).all() or pred.min() < 0 or pred.max() > 1:
-            raise ValueError(f"{pred_path}: a float prediction must hold probabilities in [0, 1]")
+            raise InputError(f"{pred_path}: a float prediction must hold probabilities in [0, 1]")
     if pred.shape != gt.shape:
-        raise ValueError(f"{pred_path} has shape {pred.shape} but its ground truth {gt_path} has shape {gt.shape}")
+        raise InputError(f"{pred_path} has shape {pred.shape} but its ground truth {gt_path} has shape {gt.shape}")
     return pred, gt
 
 
@@ -172,10 +173,10 @@ def evaluate_files(
     * ``"isbi"``: :func:`~biounet.metrics.isbi_scores` (2D only; a label prediction counts
       as a binary proposal ``labels > 0``), the keys of
       :meth:`~biounet.metrics.IsbiScores.summary`.
-    * ``"cells"``: foreground ``iou`` and ``dice`` (:func:`~biounet.metrics.iou_per_class`),
-      ``seg`` (:func:`~biounet.metrics.seg_score`) and from
-      :func:`~biounet.metrics.match_objects` ``ap50``, ``ap75``, ``map`` (mean AP over IoU
-      0.5...0.95), ``precision50``, ``recall50``, ``f1_50``, ``n_true``, ``n_pred``.
+    * ``"cells"``: from :func:`~biounet.metrics.score_instances`, foreground ``iou`` and
+      ``dice`` (of ``labels > 0`` against ``gt > 0``), ``seg`` (the Cell Tracking Challenge
+      SEG), ``ap50``, ``ap75``, ``map`` (mean AP over IoU 0.5...0.95), ``precision50``,
+      ``recall50``, ``f1_50``, ``n_true``, ``n_pred``.
       Probability maps become instances with
       :func:`biounet.postprocess.probabilities_to_labels` (``threshold``, ``split``,
       ``min_size``).
@@ -190,12 +191,12 @@ def evaluate_files(
     from biounet.postprocess import DEFAULTS, check_postprocess
 
     if metrics not in ("isbi", "cells", "all"):
-        raise ValueError(f"metrics must be 'isbi', 'cells' or 'all', got {metrics!r}")
+        raise InputError(f"metrics must be 'isbi', 'cells' or 'all', got {metrics!r}")
     options = {"threshold": threshold, "split": split, "min_size": min_size}
     check_postprocess(options)
     custom = [name for name, value in options.items() if value != DEFAULTS[name]]
     if custom and metrics == "isbi":
-        raise ValueError(f"{', '.join(custom)}: the ISBI scores take the probabilities as they are (V_rand at its "
+        raise InputError(f"{', '.join(custom)}: the ISBI scores take the probabilities as they are (V_rand at its "
                          "best threshold); post-processing options are for the cell metrics")  # fmt: skip
     rows: list[dict[str, str | float]] = []
     for pred_path, gt_path in tqdm(pairs, desc="evaluate", unit="image", disable=not progress or len(pairs) < 2):
@@ -204,14 +205,14 @@ def evaluate_files(
         row: dict[str, str | float] = {"prediction": str(pred_path), "ground_truth": str(gt_path)}
         if metrics in ("isbi", "all"):
             if gt.ndim != 2:
-                raise ValueError(
+                raise InputError(
                     f"{pred_path}: the ISBI scores are for 2D images, got shape {gt.shape}; choose the 'cells' metrics"
                 )
             prob = pred if pred.dtype.kind == "f" else (pred != 0).astype(np.float32)
             row |= isbi_scores(prob, gt, warping=warping).summary()
         if metrics in ("cells", "all"):
             if custom and pred.dtype.kind != "f":
-                raise ValueError(f"{pred_path}: a label image; {', '.join(custom)} "
+                raise InputError(f"{pred_path}: a label image; {', '.join(custom)} "
                                  f"{'applies' if len(custom) == 1 else 'apply'} to probability maps only (score its "
                                  "probabilities, or leave the option at its default)")  # fmt: skip
             if pred.dtype.kind == "f":
@@ -219,20 +220,20 @@ def evaluate_files(
             else:
                 labels = _as_instances(pred)
             truth = _as_instances(gt)
-            matching = match_objects(truth, labels)
-            i50, i75 = 0, int(np.flatnonzero(np.isclose(matching.thresholds, 0.75))[0])
+            scores = score_instances(truth, labels, thresholds=IOU_THRESHOLDS)
+            i50, i75 = 0, int(np.flatnonzero(np.isclose(scores.thresholds, 0.75))[0])
             row |= {
-                "iou": float(iou_per_class(truth > 0, labels > 0, 2)[1]),
-                "dice": float(dice_per_class(truth > 0, labels > 0, 2)[1]),
-                "seg": seg_score(truth, labels),
-                "ap50": float(matching.average_precision[i50]),
-                "ap75": float(matching.average_precision[i75]),
-                "map": matching.mean_average_precision,
-                "precision50": float(matching.precision[i50]),
-                "recall50": float(matching.recall[i50]),
-                "f1_50": float(matching.f1[i50]),
-                "n_true": float(matching.n_true),
-                "n_pred": float(matching.n_pred),
+                "iou": scores.foreground_iou,
+                "dice": scores.foreground_dice,
+                "seg": scores.seg,
+                "ap50": float(scores.average_precision[i50]),
+                "ap75": float(scores.average_precision[i75]),
+                "map": scores.mean_average_precision,
+                "precision50": float(scores.precision[i50]),
+                "recall50": float(scores.recall[i50]),
+                "f1_50": float(scores.f1[i50]),
+                "n_true": float(scores.n_true),
+                "n_pred": float(scores.n_pred),
             }
         log.debug("%s: %s", pred_path, row)
         rows.append(row)
@@ -257,9 +258,9 @@ def check_report_path(path: PathLike) -> Path:
     """
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".json"):
-        raise ValueError(f"{path}: the report must be a .csv or .json file")
+        raise InputError(f"{path}: the report must be a .csv or .json file")
     if path.is_dir():
-        raise ValueError(f"{path}: a folder; the report must be a file")
+        raise InputError(f"{path}: a folder; the report must be a file")
     return path
 
 

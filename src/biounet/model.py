@@ -32,6 +32,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from biounet.errors import InputError
+
 log = logging.getLogger(__name__)
 
 Padding = Literal["valid", "same"]
@@ -82,22 +84,22 @@ class UNetConfig:
         for name in ("in_channels", "num_classes", "base_channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHANNELS:
-                raise ValueError(f"UNetConfig.{name} must be an integer in 1..{MAX_CHANNELS}, got {value!r}")
+                raise InputError(f"UNetConfig.{name} must be an integer in 1..{MAX_CHANNELS}, got {value!r}")
         if self.num_classes < 2:
-            raise ValueError(f"UNetConfig.num_classes must be >= 2 (softmax over classes), got {self.num_classes}")
+            raise InputError(f"UNetConfig.num_classes must be >= 2 (softmax over classes), got {self.num_classes}")
         if not isinstance(self.depth, int) or isinstance(self.depth, bool) or not 0 <= self.depth <= 8:
-            raise ValueError(f"UNetConfig.depth must be an integer in 0..8, got {self.depth!r}")
+            raise InputError(f"UNetConfig.depth must be an integer in 0..8, got {self.depth!r}")
         if self.base_channels * 2**self.depth > MAX_CHANNELS:
-            raise ValueError(f"UNetConfig: base_channels * 2**depth = {self.base_channels * 2**self.depth} channels at "
+            raise InputError(f"UNetConfig: base_channels * 2**depth = {self.base_channels * 2**self.depth} channels at "
                              f"the bottom, over the limit of {MAX_CHANNELS} (the paper's net has 1024)")  # fmt: skip
         if self.padding not in ("valid", "same"):
-            raise ValueError(f"UNetConfig.padding must be 'valid' or 'same', got {self.padding!r}")
+            raise InputError(f"UNetConfig.padding must be 'valid' or 'same', got {self.padding!r}")
         if self.norm not in (None, "batch", "instance", "group"):
-            raise ValueError(f"UNetConfig.norm must be None, 'batch', 'instance' or 'group', got {self.norm!r}")
+            raise InputError(f"UNetConfig.norm must be None, 'batch', 'instance' or 'group', got {self.norm!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise InputError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.dims, int) or isinstance(self.dims, bool) or self.dims not in (2, 3):
-            raise ValueError(f"UNetConfig.dims must be 2 or 3, got {self.dims!r}")
+            raise InputError(f"UNetConfig.dims must be 2 or 3, got {self.dims!r}")
 
     # ---- shape arithmetic (per spatial axis) --------------------------------------------
     @property
@@ -126,7 +128,7 @@ class UNetConfig:
             lower = self._valid_input_at_most(input_size)
             upper = self.valid_input_size(input_size)
             nearest = f"{lower} or {upper}" if lower else f"{upper}"
-            raise ValueError(
+            raise InputError(
                 f"input size {input_size} is not valid for this U-Net ({self.padding} padding, depth {self.depth}): "
                 f"feature maps would be odd before a pooling or empty; nearest valid sizes: {nearest}"
             )
@@ -171,7 +173,7 @@ class UNetConfig:
         padding the input is the smallest multiple of ``2**depth`` that is >= ``output_size``.
         """
         if output_size < 1:
-            raise ValueError(f"output size must be >= 1, got {output_size}")
+            raise InputError(f"output size must be >= 1, got {output_size}")
         extra = 0 if self.padding == "same" else 2 * self.halo
         return self.valid_input_size(output_size + extra)
 
@@ -183,7 +185,7 @@ class UNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown U-Net config fields: {', '.join(sorted(unknown))}")
+            raise InputError(f"unknown U-Net config fields: {', '.join(sorted(unknown))}")
         return cls(**data)
 
 
@@ -224,20 +226,20 @@ class ModelInfo:
         from biounet.postprocess import check_postprocess
 
         if self.color not in COLOR_CONVERSIONS:
-            raise ValueError(f"color must be one of {', '.join(COLOR_CONVERSIONS)}, got {self.color!r}")
+            raise InputError(f"color must be one of {', '.join(COLOR_CONVERSIONS)}, got {self.color!r}")
         if self.normalization is not None:
             if len(self.normalization) != 2 or not all(_is_number(v) for v in self.normalization):
-                raise ValueError(f"normalization must be None or (low, high) percentiles, got {self.normalization!r}")
+                raise InputError(f"normalization must be None or (low, high) percentiles, got {self.normalization!r}")
             low, high = self.normalization
             if not 0.0 <= low < high <= 100.0:  # NaN fails too
-                raise ValueError(f"normalization must be percentiles [low, high] with 0 <= low < high <= 100, got "
+                raise InputError(f"normalization must be percentiles [low, high] with 0 <= low < high <= 100, got "
                                  f"{list(self.normalization)}")  # fmt: skip
         if not self.class_names or not all(isinstance(n, str) for n in self.class_names):
-            raise ValueError(f"class_names must be a list of strings, got {list(self.class_names)!r}")
+            raise InputError(f"class_names must be a list of strings, got {list(self.class_names)!r}")
         try:
             check_postprocess(self.postprocess)
         except ValueError as exc:
-            raise ValueError(f"postprocess: {exc}") from None
+            raise InputError(f"postprocess: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -254,10 +256,10 @@ class ModelInfo:
         norm = data.get("normalization")
         if norm is not None and not (isinstance(norm, list) and len(norm) == 2
                                      and all(_is_number(v) for v in norm)):  # fmt: skip
-            raise ValueError(f"normalization must be null or [low, high] percentiles, got {norm!r}")
+            raise InputError(f"normalization must be null or [low, high] percentiles, got {norm!r}")
         for name, kind in (("class_names", list), ("postprocess", dict), ("provenance", dict), ("color", str)):
             if name in data and not isinstance(data[name], kind):
-                raise ValueError(f"{name} must be a JSON {'array' if kind is list else 'object' if kind is dict else 'string'}, "
+                raise InputError(f"{name} must be a JSON {'array' if kind is list else 'object' if kind is dict else 'string'}, "
                                  f"got {data[name]!r}")  # fmt: skip
         return cls(
             normalization=(float(norm[0]), float(norm[1])) if norm else None,
@@ -401,7 +403,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if x.ndim != cfg.dims + 2 or x.shape[1] != cfg.in_channels:
-            raise ValueError(
+            raise InputError(
                 f"UNet expects input of shape (N, {cfg.in_channels}, {', '.join('S' * cfg.dims)}), got {tuple(x.shape)}"
             )
         for size in x.shape[2:]:
@@ -435,9 +437,9 @@ class UNet(nn.Module):
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ValueError(f"{folder}: cannot create model folder: {exc.strerror or exc}") from exc
+            raise InputError(f"{folder}: cannot create model folder: {exc.strerror or exc}") from exc
         if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{folder}: exists and is not a folder; cannot save a model there")
+            raise InputError(f"{folder}: exists and is not a folder; cannot save a model there")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
 
         def write(weights: Path, config: Path) -> None:
@@ -477,7 +479,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> UNet:
     """
     from safetensors.torch import load_file
 
-    from biounet.prediction._device import check_device
+    from biounet.device import check_device
 
     device = check_device(device)
     folder = Path(path)
@@ -488,43 +490,43 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> UNet:
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
         shipped = ", ".join(available_models()) or "none"
-        raise ValueError(
+        raise InputError(
             f"{folder}: not a biounet model (needs {CONFIG_FILE} and {WEIGHTS_FILE}); shipped models: {shipped}"
         )
     try:
         document = json.loads(config_path.read_text(encoding="utf-8"))
         if not isinstance(document, dict):
-            raise ValueError(f"expected a JSON object, got {type(document).__name__}")
+            raise InputError(f"expected a JSON object, got {type(document).__name__}")
         version = document.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-            raise ValueError(f"format_version {version!r} is not one this biounet reads (1..{FORMAT_VERSION}); a "
+            raise InputError(f"format_version {version!r} is not one this biounet reads (1..{FORMAT_VERSION}); a "
                              "newer biounet may read it")  # fmt: skip
         if not isinstance(document.get("architecture"), dict):
-            raise ValueError("architecture must be a JSON object of U-Net config fields")
+            raise InputError("architecture must be a JSON object of U-Net config fields")
         config = UNetConfig.from_dict(document["architecture"])
         info = ModelInfo.from_dict(document)
         if len(info.class_names) != config.num_classes:
-            raise ValueError(f"{len(info.class_names)} class_names for num_classes={config.num_classes}")
+            raise InputError(f"{len(info.class_names)} class_names for num_classes={config.num_classes}")
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{config_path}: invalid model config: {exc}") from exc
+        raise InputError(f"{config_path}: invalid model config: {exc}") from exc
     try:
         state = load_file(str(weights_path), device="cpu")
     except Exception as exc:  # safetensors raises its own SafetensorError for truncated or foreign files
-        raise ValueError(f"{weights_path}: not a readable safetensors file: {exc}") from exc
+        raise InputError(f"{weights_path}: not a readable safetensors file: {exc}") from exc
     recorded = document.get("weights_sha256")  # absent in models saved before it was recorded
     if recorded is not None and recorded != _sha256(weights_path):
-        raise ValueError(f"{weights_path}: not the weights {config_path} was saved with (their SHA-256 differs): "
+        raise InputError(f"{weights_path}: not the weights {config_path} was saved with (their SHA-256 differs): "
                          "the file was replaced or changed after saving, or the folder mixes two saves")  # fmt: skip
     broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if broken:
-        raise ValueError(f"{weights_path}: weights hold NaN or infinite values ({', '.join(broken[:3])}): the model "
+        raise InputError(f"{weights_path}: weights hold NaN or infinite values ({', '.join(broken[:3])}): the model "
                          "is broken; retrain it or use an earlier one")  # fmt: skip
     model = UNet(**config.to_dict(), info=info)
     expected = model.state_dict()
     kinds = [name for name, tensor in state.items()
              if name in expected and tensor.is_floating_point() != expected[name].is_floating_point()]  # fmt: skip
     if kinds:
-        raise ValueError(f"{weights_path}: tensor {kinds[0]} is {state[kinds[0]].dtype}, the model needs "
+        raise InputError(f"{weights_path}: tensor {kinds[0]} is {state[kinds[0]].dtype}, the model needs "
                          f"{expected[kinds[0]].dtype}")  # fmt: skip
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = [name for name in expected if name in state and state[name].shape != expected[name].shape]
@@ -532,12 +534,12 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> UNet:
         if names:
             first = names[0] + (f" {tuple(state[names[0]].shape)}, the config needs {tuple(expected[names[0]].shape)}"
                                 if problem == "of another shape" else "")  # fmt: skip
-            raise ValueError(f"{weights_path}: weights do not match {config_path}: {len(names)} tensor(s) {problem} "
+            raise InputError(f"{weights_path}: weights do not match {config_path}: {len(names)} tensor(s) {problem} "
                              f"(first: {first})")  # fmt: skip
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, OSError) as exc:
-        raise ValueError(f"{weights_path}: weights do not match {config_path}: {str(exc).splitlines()[0]}") from exc
+        raise InputError(f"{weights_path}: weights do not match {config_path}: {str(exc).splitlines()[0]}") from exc
     return model.to(device).eval()
 
 

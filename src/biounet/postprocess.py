@@ -19,6 +19,8 @@ from scipy import ndimage
 from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import relabel_sequential, watershed
 
+from biounet.errors import InputError
+
 log = logging.getLogger(__name__)
 
 Split = Literal["none", "distance", "probability", "border"]
@@ -96,20 +98,20 @@ def probabilities_to_labels(
     """
     prob = np.asarray(prob)
     if prob.dtype.kind not in "biuf" or prob.ndim not in (2, 3):
-        raise ValueError(f"prob must be a real 2D or 3D array, got {prob.dtype} with shape {prob.shape}")
+        raise InputError(f"prob must be a real 2D or 3D array, got {prob.dtype} with shape {prob.shape}")
     if prob.size and (not np.isfinite(prob).all() or prob.min() < 0 or prob.max() > 1):
-        raise ValueError("prob must hold finite probabilities in [0, 1]")
+        raise InputError("prob must hold finite probabilities in [0, 1]")
     check_postprocess(dict(threshold=threshold, split=split, seed_threshold=seed_threshold,
                            min_seed_height=min_seed_height, min_size=min_size, connectivity=connectivity))  # fmt: skip
     if not 1 <= connectivity <= prob.ndim:
-        raise ValueError(f"connectivity must be in 1..{prob.ndim} for a {prob.ndim}D map, got {connectivity}")
+        raise InputError(f"connectivity must be in 1..{prob.ndim} for a {prob.ndim}D map, got {connectivity}")
     if (split == "border") != (interior is not None):
-        raise ValueError('split="border" needs the interior probability of a 3-class model (interior=...), and '
+        raise InputError('split="border" needs the interior probability of a 3-class model (interior=...), and '
                          f"only it takes one; got split={split!r} with{'out' if interior is None else ''} interior")
     if interior is not None:
         interior = np.asarray(interior)
         if interior.shape != prob.shape or interior.dtype.kind not in "biuf":
-            raise ValueError(f"interior must be a real map of prob's shape {prob.shape}, got {interior.dtype} "
+            raise InputError(f"interior must be a real map of prob's shape {prob.shape}, got {interior.dtype} "
                              f"{interior.shape}")  # fmt: skip
 
     structure = ndimage.generate_binary_structure(prob.ndim, connectivity)
@@ -147,30 +149,30 @@ def check_postprocess(options: dict[str, Any]) -> dict[str, Any]:
     Raises one :class:`ValueError` naming the option.
     """
     if not isinstance(options, dict):
-        raise ValueError(f"post-processing options must be a mapping, got {type(options).__name__}")
+        raise InputError(f"post-processing options must be a mapping, got {type(options).__name__}")
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"unknown post-processing option(s) {', '.join(map(repr, unknown))}; known: "
+        raise InputError(f"unknown post-processing option(s) {', '.join(map(repr, unknown))}; known: "
                          f"{', '.join(OPTIONS)}")  # fmt: skip
     for name, value in options.items():
         if isinstance(value, bool) or not isinstance(value, OPTIONS[name]):
             kind = {str: "a string", numbers.Integral: "an integer", numbers.Real: "a number"}[OPTIONS[name]]
-            raise ValueError(f"post-processing option {name} must be {kind}, got {value!r}")
+            raise InputError(f"post-processing option {name} must be {kind}, got {value!r}")
         if isinstance(value, numbers.Real) and not math.isfinite(value):
-            raise ValueError(f"post-processing option {name} must be finite, got {value!r}")
+            raise InputError(f"post-processing option {name} must be finite, got {value!r}")
     o = {**DEFAULTS, **options}
     if not 0.0 <= o["threshold"] < 1.0:
-        raise ValueError(f"threshold must be in [0, 1), got {o['threshold']}")
+        raise InputError(f"threshold must be in [0, 1), got {o['threshold']}")
     if o["split"] not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}, got {o['split']!r}")
+        raise InputError(f"split must be one of {', '.join(map(repr, SPLITS))}, got {o['split']!r}")
     if o["split"] == "probability" and not o["threshold"] < o["seed_threshold"] < 1.0:
-        raise ValueError(f"seed_threshold must be in (threshold={o['threshold']}, 1), got {o['seed_threshold']}")
+        raise InputError(f"seed_threshold must be in (threshold={o['threshold']}, 1), got {o['seed_threshold']}")
     if o["split"] == "distance" and o["min_seed_height"] <= 0:
-        raise ValueError(f"min_seed_height must be > 0, got {o['min_seed_height']}")
+        raise InputError(f"min_seed_height must be > 0, got {o['min_seed_height']}")
     if o["min_size"] < 0:
-        raise ValueError(f"min_size must be >= 0, got {o['min_size']}")
+        raise InputError(f"min_size must be >= 0, got {o['min_size']}")
     if not 1 <= o["connectivity"] <= 3:
-        raise ValueError(f"connectivity must be in 1..3, got {o['connectivity']}")
+        raise InputError(f"connectivity must be in 1..3, got {o['connectivity']}")
     return options
 
 
@@ -217,7 +219,7 @@ def foreground_probability(prob: np.ndarray) -> np.ndarray:
     """
     prob = np.asarray(prob)
     if prob.ndim < 2 or prob.shape[0] < 2:
-        raise ValueError(f"need (classes >= 2, *spatial) probabilities, got shape {prob.shape}")
+        raise InputError(f"need (classes >= 2, *spatial) probabilities, got shape {prob.shape}")
     return prob[1] if prob.shape[0] == 2 else 1.0 - prob[0]
 
 
@@ -235,7 +237,7 @@ def labels_from_probabilities(prob: np.ndarray, **postprocess: Any) -> np.ndarra
 
     if postprocess.get("split") == "border":
         if prob.shape[0] != 3:
-            raise ValueError(f'split="border" needs the 3 classes of a border model, got {prob.shape[0]}')
+            raise InputError(f'split="border" needs the 3 classes of a border model, got {prob.shape[0]}')
         return probabilities_to_labels(foreground_probability(prob), interior=prob[1], **postprocess)
     if prob.shape[0] == 2:
         return probabilities_to_labels(prob[1], **postprocess)

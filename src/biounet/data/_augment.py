@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from biounet.errors import InputError
+
 Interpolation = Literal["bicubic", "bilinear"]
 
 __all__ = ["AugmentConfig", "augment", "augment_batch", "elastic_displacement", "random_grid_values", "warp"]
@@ -93,19 +95,19 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         grid = self.elastic_grid
         if not (isinstance(grid, tuple) and len(grid) == 2 and all(isinstance(n, int) and n >= 2 for n in grid)):
-            raise ValueError(f"AugmentConfig: elastic_grid must be a tuple of 2 ints >= 2, got {grid!r}")
+            raise InputError(f"AugmentConfig: elastic_grid must be a tuple of 2 ints >= 2, got {grid!r}")
         if self.interpolation not in ("bicubic", "bilinear"):
-            raise ValueError(
+            raise InputError(
                 f"AugmentConfig: interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}"
             )
         for name in ("elastic_std", "max_shift", "max_rotation", "gamma", "contrast", "brightness", "noise_std"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"AugmentConfig: {name} must be a finite number >= 0, got {value!r}")
+                raise InputError(f"AugmentConfig: {name} must be a finite number >= 0, got {value!r}")
         if self.max_rotation > 180:
-            raise ValueError(f"AugmentConfig: max_rotation must be <= 180 degrees, got {self.max_rotation!r}")
+            raise InputError(f"AugmentConfig: max_rotation must be <= 180 degrees, got {self.max_rotation!r}")
         if self.contrast >= 1:
-            raise ValueError(f"AugmentConfig: contrast must be < 1, got {self.contrast!r}")
+            raise InputError(f"AugmentConfig: contrast must be < 1, got {self.contrast!r}")
 
     @classmethod
     def paper(cls) -> AugmentConfig:
@@ -139,7 +141,7 @@ def random_grid_values(
     the generator's device (default: ``device``) and returned on ``device``.
     """
     if n < 1 or len(grid) != 2 or min(grid) < 2:
-        raise ValueError(f"random_grid_values: need n >= 1 and a grid of 2 sizes >= 2, got n={n}, grid={grid}")
+        raise InputError(f"random_grid_values: need n >= 1 and a grid of 2 sizes >= 2, got n={n}, grid={grid}")
     values = torch.randn((n, 2, *grid), generator=generator, device=_rng_device(generator, device))
     return (values * std).to(device)
 
@@ -166,7 +168,7 @@ def elastic_displacement(shape: tuple[int, int], grid_values: torch.Tensor) -> t
     """
     _check_grid_values(grid_values, None, "elastic_displacement")
     if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"elastic_displacement: shape must be (H, W) with H, W >= 1, got {shape}")
+        raise InputError(f"elastic_displacement: shape must be (H, W) with H, W >= 1, got {shape}")
     rows = _spline_matrix(shape[0], grid_values.shape[2])
     cols = _spline_matrix(shape[1], grid_values.shape[3])
     like = {"dtype": grid_values.dtype, "device": grid_values.device}
@@ -229,12 +231,12 @@ def warp(
     """
     _check_batch(image, labels, weights)
     if interpolation not in ("bicubic", "bilinear"):
-        raise ValueError(f"warp: interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
+        raise InputError(f"warp: interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
     n, _, height, width = image.shape
     for name, value, expected in (("matrix", matrix, (n, 2, 2)), ("offset", offset, (n, 2))):
         if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != expected):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"warp: {name} must be a tensor of shape {expected}, got {got}")
+            raise InputError(f"warp: {name} must be a tensor of shape {expected}, got {got}")
     if grid_values is not None:
         _check_grid_values(grid_values, n, "warp")
     grid = _sampling_grid((height, width), grid_values, matrix, offset, n, image.dtype, image.device)
@@ -286,7 +288,7 @@ def _sample_nearest(values: list[torch.Tensor | None], grid: torch.Tensor) -> li
     for v in present:
         largest = int(v.abs().max()) if v.dtype in (torch.int32, torch.int64) else 0
         if largest > 2**53:
-            raise ValueError(f"labels: values up to {largest} exceed 2**53 and cannot be resampled exactly")
+            raise InputError(f"labels: values up to {largest} exceed 2**53 and cannot be resampled exactly")
         if largest > 2**24 or v.dtype == torch.float64:
             work = torch.float64
     stacked = torch.stack([v.to(work) for v in present], dim=1)
@@ -424,7 +426,7 @@ def augment(
     """
     image = np.asarray(image)
     if image.ndim not in (2, 3):
-        raise ValueError(f"augment: image must have shape (H, W) or (C, H, W), got {image.shape}")
+        raise InputError(f"augment: image must have shape (H, W) or (C, H, W), got {image.shape}")
     batch = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).reshape(1, -1, *image.shape[-2:])
     label_batch = None if labels is None else torch.from_numpy(np.ascontiguousarray(labels))[None]
     weight_batch = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))[None]
@@ -447,14 +449,14 @@ def _check_grid_values(grid_values: torch.Tensor, n: int | None, caller: str) ->
         raise TypeError(f"{caller}: grid_values must be a torch.Tensor, got {type(grid_values).__name__}")
     shape = tuple(grid_values.shape)
     if len(shape) != 4 or shape[1] != 2 or min(shape[2:]) < 2 or (n is not None and shape[0] != n):
-        raise ValueError(f"{caller}: grid_values must have shape ({n or 'N'}, 2, gy >= 2, gx >= 2), got {shape}")
+        raise InputError(f"{caller}: grid_values must have shape ({n or 'N'}, 2, gy >= 2, gx >= 2), got {shape}")
 
 
 def _check_batch(image: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None) -> None:
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a torch.Tensor of shape (N, C, H, W), got {type(image).__name__}")
     if image.ndim != 4 or min(image.shape) < 1:
-        raise ValueError(f"image must have shape (N, C, H, W) with no empty axis, got {tuple(image.shape)}")
+        raise InputError(f"image must have shape (N, C, H, W) with no empty axis, got {tuple(image.shape)}")
     if image.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"image must be a floating-point tensor, float32 or float64, got {image.dtype}")
     expected = (image.shape[0], *image.shape[2:])
@@ -464,6 +466,6 @@ def _check_batch(image: torch.Tensor, labels: torch.Tensor | None, weights: torc
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if tuple(value.shape) != expected:
-            raise ValueError(f"{name} must have shape (N, H, W) = {expected} to match image, got {tuple(value.shape)}")
+            raise InputError(f"{name} must have shape (N, H, W) = {expected} to match image, got {tuple(value.shape)}")
         if value.device != image.device:
-            raise ValueError(f"{name} is on {value.device} but image is on {image.device}")
+            raise InputError(f"{name} is on {value.device} but image is on {image.device}")

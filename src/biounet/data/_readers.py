@@ -19,6 +19,7 @@ from biounet.data._samples import (
     Sample,
     make_sample,
 )
+from biounet.errors import InputError
 from biounet.io._images import image_files, read_image, to_luminance
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ def load_dataset(
     if layout == "auto":
         layout = detect_layout(path)
     if layout not in ("folders", "isbi", "ctc"):
-        raise ValueError(f"layout must be 'auto', 'folders', 'isbi' or 'ctc', got {layout!r}")
+        raise InputError(f"layout must be 'auto', 'folders', 'isbi' or 'ctc', got {layout!r}")
     if sequences is not None and layout != "ctc":
-        raise ValueError(f"sequences only applies to the 'ctc' layout, not {layout!r}")
+        raise InputError(f"sequences only applies to the 'ctc' layout, not {layout!r}")
     if layout == "ctc":
         samples = load_ctc(
             path, sequences=sequences, label_format=label_format or INSTANCE_LABELS, as_gray=as_gray, progress=progress
@@ -102,7 +103,7 @@ def detect_layout(path: PathLike) -> Literal["folders", "isbi", "ctc"]:
         return "folders"
     if _ctc_sequences(root):
         return "ctc"
-    raise ValueError(
+    raise InputError(
         f"{root}: unknown data set layout; expected images/ + labels/, train-volume.tif + "
         "train-labels.tif, or Cell Tracking Challenge folders 01/ + 01_GT/SEG/"
     )
@@ -128,9 +129,9 @@ def load_folders(
     for stem, file in (*images.items(), *labels.items()):
         if stem not in images or stem not in labels:
             other = "labels" if stem in images else "images"
-            raise ValueError(f"{file}: no file with stem {stem!r} in {root / other}")
+            raise InputError(f"{file}: no file with stem {stem!r} in {root / other}")
     if not images:
-        raise ValueError(f"{root}: empty data set, no images in {root / 'images'}")
+        raise InputError(f"{root}: empty data set, no images in {root / 'images'}")
     pairs = [(stem, images[stem], labels[stem]) for stem in sorted(images)]
     return [
         read_sample(stem, image, label, label_format, as_gray)
@@ -161,11 +162,11 @@ def load_isbi(
     if not volume_path.is_file():
         return load_folders(root, label_format=label_format, as_gray=as_gray, progress=progress)
     if not labels_path.is_file():
-        raise ValueError(f"{volume_path}: no {labels_path.name} beside it")
+        raise InputError(f"{volume_path}: no {labels_path.name} beside it")
     volume, labels = read_image(volume_path), read_image(labels_path)
     volume, labels = (a[np.newaxis] if a.ndim == 2 else a for a in (volume, labels))
     if volume.ndim != 3 or volume.shape != labels.shape:
-        raise ValueError(
+        raise InputError(
             f"{labels_path}: stack shape {labels.shape} does not match {volume_path.name} shape {volume.shape}"
         )
     width = max(2, len(str(len(volume) - 1)))
@@ -210,18 +211,18 @@ def load_ctc(
     for seq in sequences:
         seg = root / f"{seq}_GT" / "SEG"
         if not seg.is_dir():
-            raise ValueError(f"{root}: sequence {seq!r} has no ground-truth folder {seg}")
+            raise InputError(f"{root}: sequence {seq!r} has no ground-truth folder {seg}")
         frames = {int(m[1]): f for f in image_files(root / seq) if (m := _CTC_IMAGE.fullmatch(f.name))}
         for gt in image_files(seg):
             match = _CTC_SEG.fullmatch(gt.name)
             if match is None:
-                raise ValueError(f"{gt}: not a 2D CTC ground-truth name (man_segTTT.tif or man_segTTTT.tif)")
+                raise InputError(f"{gt}: not a 2D CTC ground-truth name (man_segTTT.tif or man_segTTTT.tif)")
             frame = int(match[1])
             if frame not in frames:
-                raise ValueError(f"{gt}: no image t{match[1]}.tif for frame {frame} in {root / seq}")
+                raise InputError(f"{gt}: no image t{match[1]}.tif for frame {frame} in {root / seq}")
             pairs.append((f"{seq}_t{frame:03d}", frames[frame], gt))
     if not pairs:
-        raise ValueError(f"{root}: empty data set, no CTC segmentation ground truth found")
+        raise InputError(f"{root}: empty data set, no CTC segmentation ground truth found")
     return [
         read_sample(name, image, label, label_format, as_gray)
         for name, image, label in tqdm(pairs, desc="reading", disable=not progress)
@@ -242,7 +243,7 @@ def read_manifest(path: PathLike) -> dict[str, str]:
         with Path(path).open(newline="") as handle:
             return {row["id"]: row["category"] for row in csv.DictReader(handle)}
     except (OSError, KeyError) as exc:
-        raise ValueError(f"{path}: cannot read the id and category columns: {exc}") from exc
+        raise InputError(f"{path}: cannot read the id and category columns: {exc}") from exc
 
 
 def read_sample(
@@ -261,17 +262,17 @@ def read_sample(
 def _folder(path: PathLike) -> Path:
     root = Path(path)
     if not root.is_dir():
-        raise ValueError(f"{root}: a file, not a data set folder" if root.exists() else f"{root}: data set folder does not exist")
+        raise InputError(f"{root}: a file, not a data set folder" if root.exists() else f"{root}: data set folder does not exist")
     return root
 
 
 def _by_stem(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
-        raise ValueError(f"{folder}: folder does not exist")
+        raise InputError(f"{folder}: folder does not exist")
     found: dict[str, Path] = {}
     for file in image_files(folder):
         if file.stem in found:
-            raise ValueError(f"{file}: {found[file.stem].name} has the same stem {file.stem!r}")
+            raise InputError(f"{file}: {found[file.stem].name} has the same stem {file.stem!r}")
         found[file.stem] = file
     return found
 

@@ -59,6 +59,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
 from biounet.data._weights import binary_to_instances
+from biounet.errors import InputError
 
 PathLike = str | os.PathLike
 LabelKind = Literal["instances", "mask"]
@@ -86,9 +87,9 @@ class LabelFormat:
 
     def __post_init__(self) -> None:
         if self.kind not in ("instances", "mask"):
-            raise ValueError(f"LabelFormat.kind must be 'instances' or 'mask', got {self.kind!r}")
+            raise InputError(f"LabelFormat.kind must be 'instances' or 'mask', got {self.kind!r}")
         if self.foreground == self.background:
-            raise ValueError(f"LabelFormat: foreground and background are both {self.foreground}")
+            raise InputError(f"LabelFormat: foreground and background are both {self.foreground}")
 
 
 #: Instance label images (DSB, CTC, ``biounet synth``).
@@ -149,7 +150,7 @@ class Sample:
         interiors are at least 3 px apart.
         """
         if kind not in ("binary", "border"):
-            raise ValueError(f"target kind must be 'binary' or 'border', got {kind!r}")
+            raise InputError(f"target kind must be 'binary' or 'border', got {kind!r}")
         cells = self.separated > 0
         if kind == "binary":
             return cells.astype(np.uint8)
@@ -227,29 +228,29 @@ def make_sample(
     image, labels = np.asarray(image), np.asarray(labels)
     _check_pair(image, labels, where)
     if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise ValueError(f"{_where(name, image_path or label_path)}: the image has NaN or infinite pixels")
+        raise InputError(f"{_where(name, image_path or label_path)}: the image has NaN or infinite pixels")
     if labels.dtype.kind not in "biu":
-        raise ValueError(f"{where}: label image must hold integers, got dtype {labels.dtype}")
+        raise InputError(f"{where}: label image must hold integers, got dtype {labels.dtype}")
     if label_format.kind == "mask":
         unknown = np.setdiff1d(np.unique(labels), [label_format.background, label_format.foreground])
         if unknown.size:
-            raise ValueError(
+            raise InputError(
                 f"{where}: mask has values {_few(unknown)} besides background {label_format.background} "
                 f"and foreground {label_format.foreground}"
             )
         instances = binary_to_instances(labels, foreground_value=label_format.foreground, connectivity=1)
     else:
         if labels.size and labels.min() < 0:
-            raise ValueError(f"{where}: instance labels must be >= 0, found {labels.min()}")
+            raise InputError(f"{where}: instance labels must be >= 0, found {labels.min()}")
         instances = relabel_sequential(labels.astype(np.int64, copy=False))[0]
     return Sample(name, image, instances.astype(np.int32), image_path, label_path)
 
 
 def _check_pair(image: np.ndarray, labels: np.ndarray, where: str) -> None:
     if image.ndim not in (2, 3) or image.size == 0:
-        raise ValueError(f"{where}: image must be (H, W) or (H, W, C), got shape {image.shape}")
+        raise InputError(f"{where}: image must be (H, W) or (H, W, C), got shape {image.shape}")
     if labels.shape != image.shape[:2]:
-        raise ValueError(f"{where}: label shape {labels.shape} does not match image shape {image.shape}")
+        raise InputError(f"{where}: label shape {labels.shape} does not match image shape {image.shape}")
 
 
 def _where(name: str, path: Path | None) -> str:

@@ -12,6 +12,7 @@ from skimage.measure import label as label_components
 from skimage.segmentation import relabel_sequential
 
 from biounet.data._tiles import as_pair
+from biounet.errors import InputError
 
 Style = Literal["fluorescence", "phase"]
 
@@ -69,20 +70,20 @@ def synthetic_cells(
         labels, 0 = background, cells numbered 1..N in raster order.
     """
     if not isinstance(n, int | np.integer) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        raise InputError(f"n must be a non-negative integer, got {n!r}")
     if not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     shape = as_pair(shape, "shape")
     if min(shape) < 16:
-        raise ValueError(f"shape must be at least (16, 16), got {shape}")
+        raise InputError(f"shape must be at least (16, 16), got {shape}")
     if style not in ("fluorescence", "phase"):
-        raise ValueError(f"style must be 'fluorescence' or 'phase', got {style!r}")
+        raise InputError(f"style must be 'fluorescence' or 'phase', got {style!r}")
     if not 0 < radius[0] <= radius[1]:
-        raise ValueError(f"radius must be a range 0 < low <= high, got {radius}")
+        raise InputError(f"radius must be a range 0 < low <= high, got {radius}")
     if not 1 <= clump_size[0] <= clump_size[1]:
-        raise ValueError(f"clump_size must be a range 1 <= low <= high, got {clump_size}")
+        raise InputError(f"clump_size must be a range 1 <= low <= high, got {clump_size}")
     if len(gaps) != 3 or min(gaps) < 0 or not math.isclose(sum(gaps), 1.0):
-        raise ValueError(f"gaps must be three probabilities that sum to 1, got {gaps}")
+        raise InputError(f"gaps must be three probabilities that sum to 1, got {gaps}")
     out = []
     for child in np.random.SeedSequence(seed).spawn(n):
         rng = np.random.default_rng(child)

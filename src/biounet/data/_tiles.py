@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from biounet.borders import mirror_indices
 from biounet.data._samples import Sample, TargetKind
 from biounet.data._weights import weight_map
+from biounet.errors import InputError
 from biounet.io._intensity import normalize_percentile
-from biounet.prediction._tiling import mirror_indices
 
 Pick = Literal["images", "pixels"]
 TargetWindow = Literal["output", "input"]
@@ -68,7 +69,7 @@ def extract_tile(
     -------
     image_tile : ndarray
         ``(C, out_h + 2 halo_y, out_w + 2 halo_x)``, mirrored beyond the image border by
-        the predictor's rule (:func:`biounet.prediction.mirror_indices`, ``np.pad`` "reflect").
+        the predictor's rule (:func:`biounet.borders.mirror_indices`, ``np.pad`` "reflect").
     target_tile, weight_tile : ndarray
         ``(out_h, out_w)`` (or the input size); pixels outside the image have target 0 and
         weight 0, they are never mirrored.
@@ -81,17 +82,17 @@ def extract_tile(
     """
     (y0, x0), (oh, ow), (hy, hx) = corner, output_size, halo
     if image.ndim != 3 or target.shape != image.shape[1:] or weight.shape != image.shape[1:]:
-        raise ValueError(
+        raise InputError(
             f"extract_tile: need image (C, H, W) and target, weight (H, W); got {image.shape}, "
             f"{target.shape}, {weight.shape}"
         )
     _, height, width = image.shape
     if min(oh, ow) < 1 or min(hy, hx) < 0:
-        raise ValueError(f"extract_tile: output_size {output_size} must be positive and halo {halo} >= 0")
+        raise InputError(f"extract_tile: output_size {output_size} must be positive and halo {halo} >= 0")
     if targets not in ("output", "input"):
-        raise ValueError(f"extract_tile: targets must be 'output' or 'input', got {targets!r}")
+        raise InputError(f"extract_tile: targets must be 'output' or 'input', got {targets!r}")
     if not (1 - oh <= y0 < height and 1 - ow <= x0 < width):
-        raise ValueError(
+        raise InputError(
             f"extract_tile: output window at {corner} of size {output_size} misses the {height}x{width} image"
         )
     rows = _mirrored_range(y0 - hy, y0 + oh + hy, height)
@@ -184,20 +185,20 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
     ) -> None:
         inp, out = as_pair(input_size, "input_size"), as_pair(output_size, "output_size")
         if any(i < o or (i - o) % 2 for i, o in zip(inp, out)):
-            raise ValueError(f"input_size {inp} must be output_size {out} plus an even number of pixels per axis")
+            raise InputError(f"input_size {inp} must be output_size {out} plus an even number of pixels per axis")
         if not samples:
-            raise ValueError("samples is empty")
+            raise InputError("samples is empty")
         if not isinstance(length, int) or length < 1:
-            raise ValueError(f"length must be a positive integer, got {length!r}")
+            raise InputError(f"length must be a positive integer, got {length!r}")
         if not isinstance(seed, int | np.integer) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         if pick not in ("images", "pixels"):
-            raise ValueError(f"pick must be 'images' or 'pixels', got {pick!r}")
+            raise InputError(f"pick must be 'images' or 'pixels', got {pick!r}")
         if targets not in ("output", "input"):
-            raise ValueError(f"targets must be 'output' or 'input', got {targets!r}")
+            raise InputError(f"targets must be 'output' or 'input', got {targets!r}")
         channels = {s.image.shape[2:] for s in samples}
         if len(channels) > 1:
-            raise ValueError(f"samples differ in channels {sorted(channels)}; load them with as_gray=True")
+            raise InputError(f"samples differ in channels {sorted(channels)}; load them with as_gray=True")
         self.output_size, self.halo = out, ((inp[0] - out[0]) // 2, (inp[1] - out[1]) // 2)
         self.targets, self.length, self.seed, self.epoch = targets, length, seed, 0
         self._images = [_channels_first(s.image, normalization) for s in samples]
@@ -233,7 +234,7 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
 def as_pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (size, size) if isinstance(size, int | np.integer) else tuple(size)
     if len(pair) != 2 or not all(isinstance(s, int | np.integer) and s > 0 for s in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {size!r}")
+        raise InputError(f"{name} must be a positive int or a pair of them, got {size!r}")
     return int(pair[0]), int(pair[1])
 
 

@@ -29,6 +29,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
+from biounet.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -131,11 +133,11 @@ def weight_map(
     labels = _check_labels(labels)
     for name, value in (("w0", w0), ("sigma", sigma)):
         if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"weight_map: {name} must be a finite number >= 0, got {value!r}")
+            raise InputError(f"weight_map: {name} must be a finite number >= 0, got {value!r}")
     if not (math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"weight_map: tol must be a finite number >= 0, got {tol!r}")
+        raise InputError(f"weight_map: tol must be a finite number >= 0, got {tol!r}")
     if border not in ("background", "all"):
-        raise ValueError(f"weight_map: border must be 'background' or 'all', got {border!r}")
+        raise InputError(f"weight_map: border must be 'background' or 'all', got {border!r}")
     foreground = labels > 0
     weights = _class_weight_image(foreground, class_weights, class_frequencies)
     if w0 > 0 and sigma > 0:
@@ -183,12 +185,12 @@ def _class_weight_image(
 ) -> np.ndarray:
     """:math:`w_c(x)` as a float64 image."""
     if frequencies is not None and not (isinstance(class_weights, str) and class_weights == "balanced"):
-        raise ValueError("weight_map: class_frequencies is only used with class_weights='balanced'")
+        raise InputError("weight_map: class_frequencies is only used with class_weights='balanced'")
     if class_weights is None:
         return np.ones(foreground.shape)
     if isinstance(class_weights, str):
         if class_weights != "balanced":
-            raise ValueError(f"weight_map: class_weights must be 'balanced', None or 2 weights, got {class_weights!r}")
+            raise InputError(f"weight_map: class_weights must be 'balanced', None or 2 weights, got {class_weights!r}")
         if frequencies is None:
             counts = np.bincount(foreground.ravel(), minlength=2).astype(np.float64)
             present = counts > 0
@@ -196,12 +198,12 @@ def _class_weight_image(
         else:
             freq = _two_values(frequencies, "class_frequencies")
             if not (freq > 0).all():
-                raise ValueError(f"weight_map: class_frequencies must both be > 0, got {freq.tolist()}")
+                raise InputError(f"weight_map: class_frequencies must both be > 0, got {freq.tolist()}")
             per_class = freq.sum() / (2.0 * freq)
     else:
         if isinstance(class_weights, Mapping):
             if set(class_weights) != {0, 1}:
-                raise ValueError(f"weight_map: class_weights mapping needs keys {{0, 1}}, got {sorted(class_weights)}")
+                raise InputError(f"weight_map: class_weights mapping needs keys {{0, 1}}, got {sorted(class_weights)}")
             class_weights = [class_weights[0], class_weights[1]]
         per_class = _two_values(class_weights, "class_weights")
     return per_class[foreground.astype(np.intp)]
@@ -210,7 +212,7 @@ def _class_weight_image(
 def _two_values(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.shape != (2,) or not np.isfinite(array).all() or (array < 0).any():
-        raise ValueError(
+        raise InputError(
             f"weight_map: {name} must be 2 finite values >= 0 (background, cell), got {np.asarray(values).tolist()}"
         )
     return array
@@ -243,7 +245,7 @@ def class_frequencies(label_images: Iterable[np.ndarray]) -> np.ndarray:
         cells = int(np.count_nonzero(image))
         counts += (image.size - cells, cells)
     if counts.sum() == 0:
-        raise ValueError("class_frequencies: label_images holds no pixels")
+        raise InputError("class_frequencies: label_images holds no pixels")
     return counts / counts.sum()
 
 
@@ -278,9 +280,9 @@ def binary_to_instances(
     """
     mask = np.asarray(mask)
     if mask.ndim not in (2, 3) or mask.size == 0:
-        raise ValueError(f"binary_to_instances: mask must be a non-empty 2D or 3D array, got shape {mask.shape}")
+        raise InputError(f"binary_to_instances: mask must be a non-empty 2D or 3D array, got shape {mask.shape}")
     if not 1 <= connectivity <= mask.ndim:
-        raise ValueError(f"binary_to_instances: connectivity must be in 1..{mask.ndim}, got {connectivity!r}")
+        raise InputError(f"binary_to_instances: connectivity must be in 1..{mask.ndim}, got {connectivity!r}")
     cells = mask != 0 if foreground_value is None else mask == foreground_value
     structure = ndi.generate_binary_structure(mask.ndim, connectivity)
     instances, _ = ndi.label(cells, structure=structure, output=np.int32)
@@ -290,9 +292,8 @@ def binary_to_instances(
 def render_weight_map(weights: np.ndarray, *, vmax: float | None = None) -> np.ndarray:
     """Colour picture of a weight map, like the paper's Fig. 3d (blue = low, red = high).
 
-    Values are scaled linearly from 0 to ``vmax`` (default: the maximum) and coloured with the
-    classic "jet" map: ``r = clip(1.5 - |4t - 3|)``, ``g = clip(1.5 - |4t - 2|)``,
-    ``b = clip(1.5 - |4t - 1|)`` for ``t`` in [0, 1].
+    Values are scaled linearly from 0 to ``vmax`` (default: the maximum) and coloured with
+    matplotlib's "jet" map (256 colours, dark blue at 0, dark red at ``vmax``).
 
     Parameters
     ----------
@@ -308,13 +309,14 @@ def render_weight_map(weights: np.ndarray, *, vmax: float | None = None) -> np.n
     """
     weights = np.asarray(weights, dtype=np.float64)
     if weights.ndim != 2 or not np.isfinite(weights).all():
-        raise ValueError(f"render_weight_map: weights must be a finite 2D array, got shape {weights.shape}")
+        raise InputError(f"render_weight_map: weights must be a finite 2D array, got shape {weights.shape}")
     if vmax is not None and not (math.isfinite(vmax) and vmax > 0):
-        raise ValueError(f"render_weight_map: vmax must be a finite number > 0, got {vmax!r}")
+        raise InputError(f"render_weight_map: vmax must be a finite number > 0, got {vmax!r}")
+    import matplotlib
+
     top = float(weights.max(initial=0.0)) if vmax is None else vmax
     t = np.clip(weights / top, 0.0, 1.0) if top > 0 else np.zeros_like(weights)
-    rgb = np.stack([np.clip(1.5 - np.abs(4.0 * t - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=-1)
-    return (rgb * 255.0 + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(matplotlib.colormaps["jet"](t, bytes=True)[..., :3])
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
@@ -325,7 +327,7 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
             + ("; convert a binary mask with binary_to_instances()" if labels.dtype == bool else "")
         )
     if labels.ndim not in (2, 3) or labels.size == 0:
-        raise ValueError(f"weight_map: labels must be a non-empty 2D or 3D array, got shape {labels.shape}")
+        raise InputError(f"weight_map: labels must be a non-empty 2D or 3D array, got shape {labels.shape}")
     if labels.dtype.kind == "i" and labels.min() < 0:
-        raise ValueError(f"weight_map: labels has negative values (min {labels.min()}); 0 is background")
+        raise InputError(f"weight_map: labels has negative values (min {labels.min()}); 0 is background")
     return labels.astype(np.intp, copy=False)

@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from biounet.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -40,13 +42,13 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise ValueError(f"{path}: output folder {folder} does not exist")
+        raise InputError(f"{path}: output folder {folder} does not exist")
     sweep_stale_temporaries(folder)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}{_temporary_mark()}", suffix=f".tmp{path.suffix}",
                                         dir=folder)  # fmt: skip
     except OSError as exc:
-        raise ValueError(f"{path}: cannot write to folder {folder}: {exc.strerror or exc}") from exc
+        raise InputError(f"{path}: cannot write to folder {folder}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -76,7 +78,7 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_temporary_mark()}", suffix=".tmp", dir=path.parent))
     except OSError as exc:
-        raise ValueError(f"{path}: cannot write to folder {path.parent}: {exc.strerror or exc}") from exc
+        raise InputError(f"{path}: cannot write to folder {path.parent}: {exc.strerror or exc}") from exc
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual permissions
@@ -196,7 +198,7 @@ def ensure_writable_folder(path: PathLike, what: str = "output folder") -> Path:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise ValueError(f"{folder}: {what} cannot be written: {exc.strerror or exc}") from exc
+        raise InputError(f"{folder}: {what} cannot be written: {exc.strerror or exc}") from exc
     return folder
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from biounet.errors import InputError
 from biounet.io._files import PathLike, atomic_write
 
 #: File endings :func:`read_image` understands.
@@ -52,10 +53,10 @@ def read_image_axes(path: PathLike) -> tuple[np.ndarray, str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: a folder, not an image file" if path.is_dir() else f"{path}: no such file")
+        raise InputError(f"{path}: a folder, not an image file" if path.is_dir() else f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(IMAGE_SUFFIXES)}")
+        raise InputError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(IMAGE_SUFFIXES)}")
     try:
         if suffix in (".tif", ".tiff"):
             image, axes = _read_tiff(path)
@@ -67,16 +68,16 @@ def read_image_axes(path: PathLike) -> tuple[np.ndarray, str]:
     except ValueError as exc:
         if str(path) in str(exc):
             raise
-        raise ValueError(f"{path}: cannot read image: {exc}") from exc
+        raise InputError(f"{path}: cannot read image: {exc}") from exc
     except Exception as exc:  # corrupt files raise whatever the decoder raises
-        raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
     image = np.asarray(image)
     if image.dtype == bool:
         image = image.astype(np.uint8)
     if image.dtype.kind not in _SUPPORTED_KINDS:
-        raise ValueError(f"{path}: unsupported pixel type {image.dtype}; expected integers or floats")
+        raise InputError(f"{path}: unsupported pixel type {image.dtype}; expected integers or floats")
     if image.ndim < 2 or image.size == 0:
-        raise ValueError(f"{path}: empty image or fewer than 2 dimensions (shape {image.shape})")
+        raise InputError(f"{path}: empty image or fewer than 2 dimensions (shape {image.shape})")
     return image, axes
 
 
@@ -93,7 +94,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
 
     with tifffile.TiffFile(path) as tif:
         if not tif.series:
-            raise ValueError("the TIFF holds no image series")
+            raise InputError("the TIFF holds no image series")
         series = tif.series[0]
         image = series.asarray()
         axes = series.axes
@@ -133,7 +134,7 @@ def to_luminance(image: Any, where: object = "image", *, axis: int = -1) -> Any:
 
     if not -image.ndim <= axis < image.ndim or image.shape[axis] != 3:
         shape = tuple(image.shape)
-        raise ValueError(f"{where}: luminance needs 3 (RGB) channels on axis {axis}, got shape {shape}")
+        raise InputError(f"{where}: luminance needs 3 (RGB) channels on axis {axis}, got shape {shape}")
     axis %= image.ndim
     if isinstance(image, np.ndarray):
         return rgb2gray(image, channel_axis=axis).astype(np.float32)
@@ -163,13 +164,13 @@ def write_tiff(path: PathLike, array: np.ndarray, *, axes: str | None = None, co
         array = array.astype(np.float32, copy=False)
     elif array.dtype.kind in "biu":
         if array.size and (array.min() < 0 or array.max() > np.iinfo(np.uint32).max):
-            raise ValueError(f"{path}: integer values outside 0..2**32-1 cannot be written as labels")
+            raise InputError(f"{path}: integer values outside 0..2**32-1 cannot be written as labels")
         fits16 = not array.size or array.max() <= np.iinfo(np.uint16).max
         array = array.astype(np.uint16 if fits16 else np.uint32, copy=False)
     else:
-        raise ValueError(f"{path}: cannot write pixel type {array.dtype} to TIFF")
+        raise InputError(f"{path}: cannot write pixel type {array.dtype} to TIFF")
     if axes is not None and len(axes) != array.ndim:
-        raise ValueError(f"{path}: axes {axes!r} name {len(axes)} dimensions, the array has shape {array.shape}")
+        raise InputError(f"{path}: axes {axes!r} name {len(axes)} dimensions, the array has shape {array.shape}")
     metadata = {"axes": axes} if axes else None
     rgb = axes.endswith("S") if axes else array.ndim == 3 and array.shape[-1] in (3, 4)
     with atomic_write(path) as tmp:
@@ -184,7 +185,7 @@ def write_png(path: PathLike, array: np.ndarray) -> Path:
 
     array = np.asarray(array)
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-        raise ValueError(f"{path}: PNG needs uint8 (H, W) or (H, W, 3|4) pixels, got {array.dtype} {array.shape}")
+        raise InputError(f"{path}: PNG needs uint8 (H, W) or (H, W, 3|4) pixels, got {array.dtype} {array.shape}")
     with atomic_write(path) as tmp:
         iio.imwrite(tmp, array, extension=".png")
     return Path(path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from biounet.errors import InputError
+
 
 def normalize_percentile(
     image: np.ndarray, low: float = 1.0, high: float = 99.8, *, axis: int | tuple[int, ...] | None = None
@@ -20,11 +22,11 @@ def normalize_percentile(
         If ``0 <= low < high <= 100`` does not hold or the image has non-finite pixels.
     """
     if not 0.0 <= low < high <= 100.0:
-        raise ValueError(f"normalize_percentile: need 0 <= low < high <= 100, got low={low}, high={high}")
+        raise InputError(f"normalize_percentile: need 0 <= low < high <= 100, got low={low}, high={high}")
     image = np.asarray(image)
     data = image.astype(np.float32, copy=False)
     if not np.isfinite(data).all():
-        raise ValueError("normalize_percentile: the image has NaN or infinite pixels")
+        raise InputError("normalize_percentile: the image has NaN or infinite pixels")
     lo, hi = np.percentile(data, [low, high], axis=axis, keepdims=axis is not None)
     return rescale_intensity(data, lo, hi)
 

@@ -13,6 +13,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from biounet.errors import InputError
 from biounet.io._zarr import is_zarr
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class _TiffRegions:
 
         with tifffile.TiffFile(path) as tif:
             if not tif.series:
-                raise ValueError(f"{path}: the TIFF holds no image series")
+                raise InputError(f"{path}: the TIFF holds no image series")
             series = tif.series[0]
             self.shape, self.dtype, self.axes = tuple(series.shape), np.dtype(series.dtype), series.axes
         self.path = path
@@ -102,7 +103,7 @@ def open_image(path: str | Path) -> LazyImage:
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such file or folder")
+        raise InputError(f"{path}: no such file or folder")
     try:
         if is_zarr(path):
             return _open_zarr(path)
@@ -112,13 +113,18 @@ def open_image(path: str | Path) -> LazyImage:
             return LazyImage(da.from_array(reader, chunks=chunks, meta=np.empty((0,) * reader.ndim, reader.dtype)),
                              reader.axes)  # fmt: skip
     except ValueError as exc:
-        raise ValueError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
+        raise InputError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
     except Exception as exc:  # corrupt files raise whatever the decoder raises
-        raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
-    raise ValueError(f"{path}: not a Zarr array, OME-Zarr image or TIFF file")
+        raise InputError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    raise InputError(f"{path}: not a Zarr array, OME-Zarr image or TIFF file")
 
 
 def _open_zarr(path: Path) -> LazyImage:
+    """A Zarr array, or the first dataset of an OME-Zarr image group, with its axes and scale.
+
+    Reads ``multiscales`` itself, not through ome-zarr-models: that validates only NGFF 0.4
+    and 0.5 and refuses the older metadata (0.1-0.3, axes as plain names) read here.
+    """
     node = zarr.open(str(path), mode="r")
     zarr_format = node.metadata.zarr_format
     scale: dict[str, float] = {}
@@ -126,7 +132,7 @@ def _open_zarr(path: Path) -> LazyImage:
         attrs = node.attrs.asdict()
         multiscales = attrs.get("ome", attrs).get("multiscales")
         if not multiscales:
-            raise ValueError(f"{path}: a Zarr group without OME-Zarr 'multiscales' metadata; give an array inside it")
+            raise InputError(f"{path}: a Zarr group without OME-Zarr 'multiscales' metadata; give an array inside it")
         image = multiscales[0]
         dataset = image["datasets"][0]
         array = node[dataset["path"]]
@@ -140,7 +146,7 @@ def _open_zarr(path: Path) -> LazyImage:
         names = array.attrs.get("_ARRAY_DIMENSIONS") or getattr(array.metadata, "dimension_names", None)
         axes = "".join(_AXIS_LETTER.get(str(n).lower(), "Q") for n in names) if names else ""
     if not isinstance(array, zarr.Array):
-        raise ValueError(f"{path}: the OME-Zarr dataset is not an array")
+        raise InputError(f"{path}: the OME-Zarr dataset is not an array")
     if len(axes) != array.ndim:
         axes = "Q" * (array.ndim - 2) + "YX"
     return LazyImage(da.from_zarr(array), axes, zarr_format, scale)
@@ -163,9 +169,9 @@ def intensity_percentiles(
     ndarray of float64, shape (items, channels, 2)
     """
     if not 0.0 <= low < high <= 100.0:
-        raise ValueError(f"intensity_percentiles: need 0 <= low < high <= 100, got low={low}, high={high}")
+        raise InputError(f"intensity_percentiles: need 0 <= low < high <= 100, got low={low}, high={high}")
     if items.ndim < 3:
-        raise ValueError(f"intensity_percentiles: items must be (items, channels, *spatial), got shape {items.shape}")
+        raise InputError(f"intensity_percentiles: items must be (items, channels, *spatial), got shape {items.shape}")
     if items.dtype.kind in "biu" and items.dtype.itemsize <= 2:
         return _percentiles_from_histogram(items, (low, high))
     pixels = math.prod(items.shape[2:])
@@ -177,7 +183,7 @@ def intensity_percentiles(
         sample = items[(n, slice(None), *(slice(None, None, step),) * (items.ndim - 2))].compute()
         sample = sample.reshape(sample.shape[0], -1).astype(np.float32, copy=False)
         if not np.isfinite(sample).all():
-            raise ValueError("image: has NaN or infinite pixels")
+            raise InputError("image: has NaN or infinite pixels")
         out[n] = np.percentile(sample, [low, high], axis=1).T
     return out
 

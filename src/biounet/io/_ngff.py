@@ -10,6 +10,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from biounet.errors import InputError
+
 
 def store_blocks(array: da.Array, target: zarr.Array) -> Any:
     """Dask work that writes ``array`` into ``target`` chunk by chunk, without locks.
@@ -18,10 +20,10 @@ def store_blocks(array: da.Array, target: zarr.Array) -> Any:
     tasks ever write into the same Zarr chunk, also from different processes.
     """
     if array.shape != target.shape:
-        raise ValueError(f"target: shape {target.shape} differs from the array's {array.shape}")
+        raise InputError(f"target: shape {target.shape} differs from the array's {array.shape}")
     for axis, (blocks, size) in enumerate(zip(array.chunks, target.chunks, strict=True)):
         if np.any(np.cumsum(blocks)[:-1] % size):
-            raise ValueError(f"target: its chunks {target.chunks} do not tile the chunks {blocks} of axis {axis}")
+            raise InputError(f"target: its chunks {target.chunks} do not tile the chunks {blocks} of axis {axis}")
     return da.store(array, target, lock=False, compute=False)
 
 
@@ -31,19 +33,31 @@ def ngff_attributes(axes: Sequence[tuple[str, str]], scale: Sequence[float], *, 
     NGFF 0.4 (Zarr v2: ``{"multiscales": [...]}`` with ``"version": "0.4"``) or NGFF 0.5
     (Zarr v3: the same under ``{"ome": {"version": "0.5", ...}}``). ``axes`` are ``(name,
     type)`` pairs, ordered time, channel, space as the specification requires; one
-    ``scale`` transformation per dataset.
+    ``scale`` transformation per dataset. Built and validated by ome-zarr-models'
+    ``Multiscale`` model of that version (an :class:`~biounet.errors.InputError` when the
+    axes break the specification, e.g. a channel axis after a space axis).
 
     References
     ----------
     OME-NGFF specification 0.4, "multiscales" metadata, https://ngff.openmicroscopy.org/0.4/
     """
     if len(scale) != len(axes):
-        raise ValueError(f"ngff_attributes: {len(scale)} scale values for {len(axes)} axes")
-    image = {
-        "name": name,
-        "axes": [{"name": n, "type": t} for n, t in axes],
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(map(float, scale))}]}],
-    }
+        raise InputError(f"ngff_attributes: {len(scale)} scale values for {len(axes)} axes")
+    if zarr_format == 2:
+        from ome_zarr_models.v04.axes import Axis
+        from ome_zarr_models.v04.multiscales import Dataset, Multiscale
+    else:
+        from ome_zarr_models.v05.axes import Axis  # type: ignore[assignment]
+        from ome_zarr_models.v05.multiscales import Dataset, Multiscale  # type: ignore[assignment]
+    try:
+        multiscale = Multiscale(
+            axes=[Axis(name=n, type=t) for n, t in axes],
+            datasets=[Dataset.build(path="0", scale=list(map(float, scale)), translation=None)],
+            name=name,
+        )
+    except ValueError as exc:  # pydantic's ValidationError
+        raise InputError(f"ngff_attributes: axes {list(axes)} are not valid OME-Zarr axes: {exc}") from exc
+    image = multiscale.model_dump(mode="json", by_alias=True, exclude_none=True)
     if zarr_format == 2:
         return {"multiscales": [{"version": "0.4", **image}]}
     return {"ome": {"version": "0.5", "multiscales": [image]}}

@@ -29,8 +29,9 @@ vectorised with NumPy/SciPy, not translated line by line.
   warped image) and classifies the remaining mismatches as Fiji's ``classifyMismatches2d``.
 
 Everything else in the module (IoU/Dice, the Cell Tracking Challenge SEG, object matching)
-works on label images of any dimension. Scoring files (``biounet evaluate``) is
-:mod:`biounet.evaluation`."""
+works on label images of any dimension; :func:`score_instances` gives them all for one
+instance image, and is what training validation, the demo, ``biounet evaluate`` and the
+experiments score with. Scoring files (``biounet evaluate``) is :mod:`biounet.evaluation`."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ _EXPORTS: dict[str, str] = {
     "ISBI_THRESHOLDS": "_isbi",
     "IsbiScores": "_isbi",
     "isbi_scores": "_isbi",
+    "InstanceScores": "_instances",
+    "score_instances": "_instances",
     "IOU_THRESHOLDS": "_matching",
     "MatchingScores": "_matching",
     "match_objects": "_matching",
@@ -61,6 +64,7 @@ __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from biounet.metrics._instances import InstanceScores, score_instances  # noqa: F401
     from biounet.metrics._isbi import ISBI_THRESHOLDS, IsbiScores, isbi_scores  # noqa: F401
     from biounet.metrics._matching import (  # noqa: F401
         IOU_THRESHOLDS,

@@ -6,6 +6,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 
+from biounet.errors import InputError
+
 CROSS = ndimage.generate_binary_structure(2, 1)
 SQUARE = ndimage.generate_binary_structure(2, 2)
 # The 8 neighbours (dy, dx) in ring order; bit k of a neighbourhood code is neighbour k.
@@ -14,11 +16,11 @@ RING = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
 
 def check_pair(a: np.ndarray, b: np.ndarray, names: tuple[str, str], *, ndim: int | None = None) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {a.shape} and {b.shape}")
+        raise InputError(f"{names[0]} and {names[1]} must have the same shape, got {a.shape} and {b.shape}")
     if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{names[0]} and {names[1]} must be {ndim}D, got shape {a.shape}")
+        raise InputError(f"{names[0]} and {names[1]} must be {ndim}D, got shape {a.shape}")
     if a.size == 0:
-        raise ValueError(f"{names[0]} and {names[1]} are empty (shape {a.shape})")
+        raise InputError(f"{names[0]} and {names[1]} are empty (shape {a.shape})")
 
 
 def check_labels(x: np.ndarray, name: str) -> np.ndarray:
@@ -28,7 +30,7 @@ def check_labels(x: np.ndarray, name: str) -> np.ndarray:
     if x.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer or boolean label image, got dtype {x.dtype}")
     if x.dtype.kind == "i" and x.size and x.min() < 0:
-        raise ValueError(f"{name} has negative labels (min {x.min()})")
+        raise InputError(f"{name} has negative labels (min {x.min()})")
     return x
 
 
@@ -40,9 +42,9 @@ def check_probabilities(prob: np.ndarray, name: str = "prob") -> np.ndarray:
     # float32, compare in float64 (a float32 comparison would round 0.9999999999999999 to 1).
     prob = prob.astype(np.float32).astype(np.float64)
     if not np.isfinite(prob).all():
-        raise ValueError(f"{name} has NaN or infinite values")
+        raise InputError(f"{name} has NaN or infinite values")
     if prob.size and (prob.min() < 0.0 or prob.max() > 1.0):
-        raise ValueError(f"{name} must be probabilities in [0, 1], got values in [{prob.min()}, {prob.max()}]")
+        raise InputError(f"{name} must be probabilities in [0, 1], got values in [{prob.min()}, {prob.max()}]")
     return prob
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.measure import label as label_components
 
+from biounet.errors import InputError
 from biounet.metrics._common import check_labels, check_pair, check_probabilities
 from biounet.metrics._split_merge import (
     contingency_table,
@@ -134,7 +135,7 @@ def isbi_scores(prob: np.ndarray, gt: np.ndarray, *, warping: bool = True) -> Is
     check_pair(prob, gt, ("prob", "gt"), ndim=2)
     truth = gt != 0
     if not truth.any():
-        raise ValueError("gt has no foreground (cell) pixels: the ISBI scores are undefined")
+        raise InputError("gt has no foreground (cell) pixels: the ISBI scores are undefined")
     segments = label_components(gt, connectivity=1, background=0)[truth]
     rows: list[tuple[float, ...]] = []
     warps: list[WarpingResult] = []

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from biounet.errors import InputError
 from biounet.metrics._common import check_labels, check_pair, sequential_labels
 
 #: IoU thresholds of the DSB 2018 / StarDist object matching: 0.5, 0.55, ..., 0.95.
@@ -151,7 +152,7 @@ def match_objects(
     """
     taus = np.asarray(thresholds, np.float64)
     if taus.ndim != 1 or taus.size == 0 or taus.min() < 0.5 or taus.max() >= 1.0:
-        raise ValueError(f"thresholds must be a non-empty sequence of values in [0.5, 1), got {thresholds}")
+        raise InputError(f"thresholds must be a non-empty sequence of values in [0.5, 1), got {thresholds}")
     o = _overlaps(gt, pred)
     n_true, n_pred = len(o.true_sizes), len(o.pred_sizes)
     tp = (o.iou()[None, :] > taus[:, None]).sum(axis=1)

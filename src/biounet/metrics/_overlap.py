@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from biounet.errors import InputError
 from biounet.metrics._common import check_labels, check_pair
 
 
@@ -13,7 +14,7 @@ def _class_overlaps(gt: np.ndarray, pred: np.ndarray, num_classes: int | None) -
     check_pair(gt, pred, ("gt", "pred"))
     n = int(max(gt.max(), pred.max())) + 1 if num_classes is None else num_classes
     if num_classes is not None and max(gt.max(), pred.max()) >= num_classes:
-        raise ValueError(f"num_classes={num_classes} but the images hold class {max(gt.max(), pred.max())}")
+        raise InputError(f"num_classes={num_classes} but the images hold class {max(gt.max(), pred.max())}")
     joint = np.bincount(gt.ravel().astype(np.int64) * n + pred.ravel(), minlength=n * n).reshape(n, n)
     return np.diag(joint).astype(np.float64), joint.sum(axis=1).astype(np.float64), joint.sum(axis=0)
 

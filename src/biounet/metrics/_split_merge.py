@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from biounet.errors import InputError
 from biounet.metrics._common import check_labels, check_pair, sequential_labels
 
 
@@ -70,7 +71,7 @@ def _label_tables(gt_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
     pred_labels = check_labels(pred_labels, "pred_labels")
     check_pair(gt_labels, pred_labels, ("gt_labels", "pred_labels"))
     if not gt_labels.any():
-        raise ValueError("gt_labels has no foreground (all 0): the foreground-restricted score is undefined")
+        raise InputError("gt_labels has no foreground (all 0): the foreground-restricted score is undefined")
     gt_seq, _ = sequential_labels(gt_labels)
     pred_seq, n_pred = sequential_labels(pred_labels)
     return contingency_table(gt_seq, pred_seq, n_pred)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from biounet.errors import InputError
 from biounet.metrics._common import (
     CROSS,
     RING,
@@ -364,5 +365,5 @@ def warping_error(prob: np.ndarray, gt: np.ndarray, *, threshold: float = 0.5) -
     gt = check_labels(gt, "gt")
     check_pair(prob, gt, ("prob", "gt"), ndim=2)
     if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        raise InputError(f"threshold must be in [0, 1), got {threshold}")
     return warp_and_classify(prob, gt != 0, float(threshold))

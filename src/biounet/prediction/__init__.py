@@ -1,5 +1,6 @@
 """Prediction, from the tile plan to files: the overlap-tile plan and mirror rule
-(``_tiling``), the device and precision (``_device``), the network's input (``_input``),
+(``_tiling``), the device, precision and the network as a pure function (``_device``), the one
+set of options (``_options``), the network's input (``_input``),
 the exact stitcher (``_stitch``), chunked prediction of images larger than memory with Dask
 (``_chunked``, ``_chunk_labels``) and image files (``_files``)."""
 
@@ -23,8 +24,9 @@ _EXPORTS: dict[str, str] = {
     "CompileMode": "_device",
     "Precision": "_device",
     "check_compile": "_device",
-    "check_device": "_device",
-    "resolve_precision": "_device",
+    "Forward": "_device",
+    "model_forward": "_device",
+    "PredictOptions": "_options",
     "CHANNEL_LETTERS": "_files",
     "PredictReport": "_files",
     "STREAM_ABOVE_PIXELS": "_files",
@@ -43,12 +45,11 @@ _EXPORTS: dict[str, str] = {
     "dihedral_inverse": "_stitch",
     "predict": "_stitch",
     "predict_steps": "_stitch",
+    "stitch_steps": "_stitch",
     "AxisTiling": "_tiling",
     "DEFAULT_TILE_2D": "_tiling",
     "DEFAULT_TILE_3D": "_tiling",
     "chunk_context": "_tiling",
-    "mirror_indices": "_tiling",
-    "mirror_pad": "_tiling",
     "plan_axis": "_tiling",
     "plan_tiles": "_tiling",
     "tile_input_shapes": "_tiling",
@@ -73,8 +74,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         CompileMode,
         Precision,
         check_compile,
-        check_device,
-        resolve_precision,
     )
     from biounet.prediction._files import (  # noqa: F401
         CHANNEL_LETTERS,
@@ -92,6 +91,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         model_items,
         normalize_items,
     )
+    from biounet.prediction._device import Forward, model_forward  # noqa: F401
+    from biounet.prediction._options import PredictOptions  # noqa: F401
+    from biounet.prediction._stitch import stitch_steps  # noqa: F401
     from biounet.prediction._stitch import (  # noqa: F401
         DIHEDRAL,
         Progress,
@@ -105,8 +107,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         DEFAULT_TILE_3D,
         AxisTiling,
         chunk_context,
-        mirror_indices,
-        mirror_pad,
         plan_axis,
         plan_tiles,
         tile_input_shapes,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import threading
 from collections.abc import Sequence
@@ -15,17 +14,19 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
-from dask.callbacks import Callback
+from tqdm.dask import TqdmCallback
 
+from biounet.borders import mirror_indices
+from biounet.errors import InputError
 from biounet.io._files import atomic_folder
 from biounet.io._lazy import intensity_percentiles
 from biounet.io._ngff import ngff_array, store_blocks
 from biounet.model import UNet, UNetConfig
 from biounet.prediction._chunk_labels import LabelJob
-from biounet.prediction._device import CompileMode, Precision
 from biounet.prediction._input import check_intensity_range, model_items
+from biounet.prediction._options import PredictOptions
 from biounet.prediction._stitch import predict
-from biounet.prediction._tiling import chunk_context, mirror_indices
+from biounet.prediction._tiling import chunk_context
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def plan_chunks(config: UNetConfig, size: int, chunk: int) -> ChunkPlan:
     last chunk smaller than the context is merged into the one before it.
     """
     if chunk < 1 or size < 1:
-        raise ValueError(f"chunk and size must be positive, got chunk={chunk}, size={size}")
+        raise InputError(f"chunk and size must be positive, got chunk={chunk}, size={size}")
     stride = config.stride
     margin = max(chunk_context(config))
     smallest = -(-margin // stride) * stride
@@ -86,14 +87,11 @@ def predict_dask(
     model: UNet,
     image: np.ndarray | da.Array | zarr.Array,
     *,
+    options: PredictOptions | None = None,
     channel_axis: int | None = None,
     chunk: int | None = None,
-    tile: int | Sequence[int] | None = None,
-    batch_size: int = 4,
-    device: str | None = None,
-    precision: Precision = "float32",
     intensity_range: np.ndarray | Sequence[float] | None = None,
-    compile: bool | CompileMode = False,
+    **overrides: Any,
 ) -> da.Array:
     """Class probabilities of an image of any size as a lazy dask array, chunk by chunk.
 
@@ -110,8 +108,9 @@ def predict_dask(
     chunk : int, optional
         Output pixels per chunk and spatial axis (default 2048 for 2D, 128 for 3D models),
         rounded to a multiple of ``2**depth``. Memory per chunk grows with its square.
-    tile, batch_size, device, precision, compile
-        As for :func:`biounet.predict`, applied inside each chunk.
+    options : PredictOptions, optional
+        As for :func:`biounet.predict` (``**overrides`` change single fields), applied inside
+        each chunk; ``tta`` is not available here and ``progress`` is ignored.
     intensity_range : array_like, optional
         ``(low, high)`` intensities (or one pair per channel) that the model's percentiles
         map to 0 and 1. Default: measured over the whole image first
@@ -135,8 +134,7 @@ def predict_dask(
     array = array if hasattr(array, "__dask_graph__") else da.from_array(np.asarray(array))
     items, stacked = model_items(array, model.config, channel_axis)
     ranges = _ranges(model, items, intensity_range)
-    prob = _predict_items(model, items, ranges, chunk=chunk, options=dict(
-        tile=tile, batch_size=batch_size, device=device, precision=precision, compile=compile))  # fmt: skip
+    prob = _predict_items(model, items, ranges, chunk=chunk, options=PredictOptions.of(options, overrides))
     return prob if stacked else prob[0]
 
 
@@ -151,12 +149,13 @@ def _ranges(model: UNet, items: da.Array, intensity_range: Any) -> np.ndarray | 
 
 
 def _predict_items(
-    model: UNet, items: da.Array, ranges: np.ndarray | None, *, chunk: int | None, options: dict[str, Any]
+    model: UNet, items: da.Array, ranges: np.ndarray | None, *, chunk: int | None, options: PredictOptions
 ) -> da.Array:
     """(items, classes, *spatial) probabilities of (items, channels, *spatial) pixels, lazily."""
     config = model.config
-    if model.training:  # chunks run in parallel threads: none may switch a shared model's mode
-        model = copy.deepcopy(model).eval()
+    if options.tta:
+        raise InputError("test-time augmentation is not available for chunked prediction", option="tta")
+    options = options.replace(progress=False)  # chunks in parallel threads: no bar per chunk
     chunk = chunk or (DEFAULT_CHUNK_2D if config.dims == 2 else DEFAULT_CHUNK_3D)
     plans = [plan_chunks(config, size, chunk) for size in items.shape[2:]]
     padded = items
@@ -197,7 +196,7 @@ def _predict_block(
     model: UNet,
     ranges: np.ndarray | None,
     context: list[tuple[int, int]],
-    options: dict[str, Any],
+    options: PredictOptions,
     block_info: dict | None = None,
 ) -> np.ndarray:
     """Probabilities of one output chunk from its window (the chunk plus its context)."""
@@ -207,30 +206,10 @@ def _predict_block(
         return np.zeros(block_info[None]["chunk-shape"], np.float32)  # a mirrored margin: sliced off, never computed
     item_range = None if ranges is None else ranges[where[0]]
     # torch.compile'd code (and its CUDA graphs) is not thread-safe: compiled chunks run one at a time
-    with _COMPILED_LOCK if options.get("compile") else contextlib.nullcontext():
-        prob = predict(model, window[0], channel_axis=0, intensity_range=item_range, context=context,
-                       progress=False, **options)  # fmt: skip
+    with _COMPILED_LOCK if options.compile else contextlib.nullcontext():
+        prob = predict(model, window[0], options=options, channel_axis=0, intensity_range=item_range,
+                       context=context)  # fmt: skip
     return prob[None]
-
-
-class _TqdmCallback(Callback):
-    """A tqdm bar over the tasks of a local Dask computation."""
-
-    def __init__(self, desc: str, enabled: bool) -> None:
-        super().__init__()
-        self._desc, self._enabled, self._bar = desc, enabled, None
-
-    def _start_state(self, dsk: Any, state: dict) -> None:
-        from tqdm.auto import tqdm
-
-        total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
-        self._bar = tqdm(total=total, desc=self._desc, unit="task", disable=not self._enabled, leave=False)
-
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: dict, worker_id: Any) -> None:
-        self._bar.update(1)
-
-    def _finish(self, dsk: Any, state: dict, errored: bool) -> None:
-        self._bar.close()
 
 
 def _on_cluster() -> bool:
@@ -254,12 +233,8 @@ def predict_to_zarr(
     zarr_format: int = 2,
     scale: dict[str, float] | None = None,
     chunk: int | None = None,
-    tile: int | None = None,
-    batch_size: int = 4,
-    device: str | None = None,
-    precision: Precision = "float32",
-    compile: bool | CompileMode = False,
-    progress: bool = True,
+    options: PredictOptions | None = None,
+    **overrides: Any,
 ) -> list[Path]:
     """Predict ``(items, channels, *spatial)`` pixels chunk by chunk into OME-Zarr images.
 
@@ -289,10 +264,9 @@ def predict_to_zarr(
         Zarr v2 with NGFF 0.4 metadata, or Zarr v3 with NGFF 0.5 metadata.
     scale : dict, optional
         Pixel size per spatial axis letter, copied into the metadata.
-    chunk, tile, batch_size, device, precision, compile
-        See :func:`predict_dask`.
-    progress : bool
-        A tqdm bar over the Dask tasks (local scheduler only).
+    chunk, options
+        See :func:`predict_dask` (``**overrides`` change single fields); ``options.progress``
+        shows a tqdm bar over the Dask tasks (local scheduler only).
 
     Returns
     -------
@@ -301,12 +275,12 @@ def predict_to_zarr(
     """
     config = model.config
     if items.ndim != config.dims + 2 or (items.shape[0] != 1 and stack_axis is None):
-        raise ValueError(f"items: expected (items, channels, {config.dims} spatial axes), got shape {items.shape}")
+        raise InputError(f"items: expected (items, channels, {config.dims} spatial axes), got shape {items.shape}")
     if set(save) - {"probabilities", "labels"} or zarr_format not in (2, 3):
-        raise ValueError(f"save must list 'probabilities'/'labels', zarr_format be 2 or 3; got {save}, {zarr_format}")
+        raise InputError(f"save must list 'probabilities'/'labels', zarr_format be 2 or 3; got {save}, {zarr_format}")
     if stack_axis is not None and stack_axis != "T" and config.dims == 3:
-        raise ValueError(f"a 3D model's input can only be stacked along time (T), not {stack_axis!r}")
-    options = dict(tile=tile, batch_size=batch_size, device=device, precision=precision, compile=compile)
+        raise InputError(f"a 3D model's input can only be stacked along time (T), not {stack_axis!r}")
+    options = PredictOptions.of(options, overrides)
     prob = _predict_items(model, items, _ranges(model, items, None), chunk=chunk, options=options)
     # NGFF orders axes time, channel, space: a plane stack's item axis goes after the classes
     space = [(a, "space") for a in "zyx"[3 - config.dims :]]
@@ -350,7 +324,9 @@ def predict_to_zarr(
         elif "labels" in save:
             work.append(store_blocks(labels, target("labels", labels, np.uint16, label_axes)))
         if work:
-            with _TqdmCallback(f"{stem} chunks", progress and not _on_cluster()):
+            bar = TqdmCallback(desc=f"{stem} chunks", unit="task", leave=False,
+                               disable=not options.progress or _on_cluster())
+            with bar:  # a bar over the tasks of a local Dask computation
                 results = dask.compute(*work)
         if label_job is not None:
             label_job.finish(results[-len(label_job.work) :])

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 
+from biounet.errors import InputError
 from biounet.model import UNet
 
 log = logging.getLogger(__name__)
@@ -19,48 +23,6 @@ Precision = Literal["auto", "float32", "bfloat16", "float16"]
 #: (one per tile shape and batch size), ``"max-autotune"`` also searches kernel variants.
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a :class:`torch.device` that this torch can use, or one ``ValueError``.
-
-    Refused: strings torch does not parse (``"gpu"``), CUDA on a torch without CUDA or
-    without a GPU, a CUDA index past the GPUs present, MPS where it is missing.
-    """
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: this torch {torch.__version__} sees no CUDA GPU "
-                             "(torch.cuda.is_available() is False); use cpu")  # fmt: skip
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
-    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r}: MPS is not available here; use cpu")
-    return parsed
-
-
-def resolve_precision(device: str | torch.device) -> Literal["float32", "bfloat16"]:
-    """``"bfloat16"`` where ``device`` computes it natively, else ``"float32"`` (with a log line).
-
-    Native: a CPU with AVX512-BF16 or AMX tiles (oneDNN's bfloat16 convolutions run about
-    twice float32 there; measured in ``benchmarks/train.py`` and
-    ``benchmarks/precision.py``), or a CUDA GPU of compute
-    capability 8.0 or more (Ampere and later). Elsewhere bfloat16 is emulated and slower.
-    """
-    device = check_device(device)
-    if device.type == "cuda":
-        native = torch.cuda.get_device_capability(device)[0] >= 8
-    elif device.type == "cpu":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    else:
-        native = False
-    if not native:
-        log.info("precision auto: %s has no native bfloat16, computing in float32", device)
-    return "bfloat16" if native else "float32"
 
 
 def autocast_context(device: torch.device, precision: Precision):
@@ -100,20 +62,52 @@ def check_compile(compile: object) -> bool | CompileMode:
     """``compile`` if it is a bool or one of :data:`COMPILE_MODES`, else a ValueError naming them."""
     if isinstance(compile, bool) or compile in COMPILE_MODES:
         return compile  # type: ignore[return-value]
-    raise ValueError(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}; got {compile!r}")
+    raise InputError(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}; got {compile!r}")
 
 
-def runner(model: UNet, device: torch.device, compile: bool | CompileMode) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What runs the forward pass: the model in its fastest memory format, compiled if asked.
+#: A network as a pure function: ``forward(batch) -> logits`` on ``(N, C, *spatial)`` tensors.
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
-    ``torch.compile`` caches the compiled code on the model's ``forward``, so calling this
-    again for the same model and tile shape does not compile again. With
+# The prepared copies of callers' models, dropped with the model (see :func:`model_forward`).
+_PREPARED: weakref.WeakKeyDictionary[UNet, tuple[tuple, torch.nn.Module]] = weakref.WeakKeyDictionary()
+_PREPARED_LOCK = threading.Lock()
+
+
+def model_forward(model: UNet, device: torch.device, precision: Precision, compile: bool | CompileMode) -> Forward:
+    """``model`` as a :data:`Forward` on ``device``, without changing ``model``.
+
+    The function runs a private copy of the network in eval mode, in the device's fastest
+    memory format (:func:`fast_memory_format`), compiled if asked, under autocast in
+    ``precision`` (``"float32"``, ``"bfloat16"`` or ``"float16"``); inputs go to the device
+    through pinned memory on CUDA. The caller's model keeps its mode, memory layout and
+    device. The copy is kept for the model's lifetime and made afresh when its weights
+    change (a new tensor or an in-place update, as an optimiser step makes), so repeated
+    predictions with the same weights reuse it and its compiled code. With
     ``"reduce-overhead"`` on CUDA each output lives in a CUDA graph's memory until the next
-    replay; :func:`_forward` takes its softmax (a new tensor) at once.
+    replay; take what you need from it (the stitcher's softmax is a new tensor) at once.
     """
     memory_format = fast_memory_format(device, model.config.dims)
-    if memory_format is not None:
-        model.to(memory_format=memory_format)  # the same values in another layout; a no-op the second time
-    if not compile:
-        return model
-    return torch.compile(model, dynamic=False, mode=None if compile is True else compile)
+    # data_ptr and the in-place version counter of every tensor: which weights these are
+    weights = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    key = (str(device), memory_format, compile, weights)
+    with _PREPARED_LOCK:
+        prepared = _PREPARED.get(model)
+        if prepared is None or prepared[0] != key:
+            net = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+            if memory_format is not None:
+                net = net.to(memory_format=memory_format)
+            run = torch.compile(net, dynamic=False, mode=None if compile is True else compile) if compile else net
+            prepared = _PREPARED[model] = (key, run)
+    run = prepared[1]
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":  # the host prepares the next batch while the device computes
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        else:
+            batch = batch.to(device)
+        if memory_format is not None:
+            batch = batch.contiguous(memory_format=memory_format)
+        with torch.inference_mode(), autocast_context(device, precision), cudnn_benchmark(device):
+            return run(batch)
+
+    return forward

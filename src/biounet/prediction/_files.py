@@ -10,18 +10,19 @@ import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
+from biounet.errors import InputError
 from biounet.io._display import label_overlay
 from biounet.io._files import ensure_writable_folder
 from biounet.io._images import read_image_axes, write_png, write_tiff
 from biounet.io._zarr import is_zarr
 from biounet.model import UNet, load_model
 from biounet.postprocess import labels_from_probabilities
-from biounet.prediction._device import CompileMode, Precision, check_compile
 from biounet.prediction._input import converts_to_luminance
+from biounet.prediction._options import PredictOptions
 from biounet.prediction._stitch import predict
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def channel_axis_of(axes: str, shape: tuple[int, ...], model: UNet, channel_axis
         found = [i for i, a in enumerate(axes) if a in CHANNEL_LETTERS]
         channel_axis = found[0] if found else None
     elif not -len(shape) <= channel_axis < len(shape):
-        raise ValueError(f"channel axis {channel_axis} is out of range for shape {shape}")
+        raise InputError(f"channel axis {channel_axis} is out of range for shape {shape}")
     n_channels = 1 if channel_axis is None else shape[channel_axis]
     expected = model.config.in_channels
     if n_channels != expected and not converts_to_luminance(model, n_channels):
@@ -63,7 +64,7 @@ def channel_axis_of(axes: str, shape: tuple[int, ...], model: UNet, channel_axis
             how = "; it converts 3-channel (RGB) images to luminance, and no other channel count"
         else:
             how = " (it was trained without colour conversion: its config.json has no \"color\": \"luminance\")"
-        raise ValueError(f"has {n_channels} channel(s) (axes {axes}, shape {shape}) but the model takes {expected}{how}")
+        raise InputError(f"has {n_channels} channel(s) (axes {axes}, shape {shape}) but the model takes {expected}{how}")
     return channel_axis
 
 
@@ -99,19 +100,14 @@ def predict_files(
     inputs: Sequence[Path],
     output: Path,
     *,
+    options: PredictOptions | None = None,
     save: Sequence[str] = ("probabilities", "labels"),
-    tile: int | None = None,
-    batch_size: int = 4,
-    device: str = "cpu",
-    precision: Precision | Literal["auto"] = "float32",
-    compile: bool | CompileMode = False,
-    tta: bool = False,
     channel_axis: int | None = None,
     chunk: int | None = None,
     scheduler: str | None = None,
-    progress: bool = True,
     debug: bool = False,
     overwrite: bool = False,
+    **overrides: Any,
 ) -> PredictReport:
     """Segment each file in ``inputs`` and write ``<stem>_probabilities.tif`` etc. to ``output``.
 
@@ -130,10 +126,14 @@ def predict_files(
         the image (2D inputs). Streamed inputs give ``<stem>_probabilities.ome.zarr`` and
         ``<stem>_labels.ome.zarr`` (see :func:`biounet.prediction.predict_to_zarr`)
         and no overlay.
-    tile, batch_size, device, precision, compile, tta, channel_axis, progress
-        See :func:`biounet.predict`. ``tta`` is not available for streamed inputs.
-        ``precision="auto"`` (the CLI's default) is bfloat16 where the device computes it
-        natively (:func:`biounet.prediction.resolve_precision`), else float32.
+    options : PredictOptions, optional
+        How to predict (see :class:`biounet.PredictOptions`; ``**overrides`` change single
+        fields). ``tta`` is not available for streamed inputs. ``precision="auto"`` (the
+        CLI's default) is bfloat16 where the device computes it natively
+        (:func:`biounet.device.resolve_precision`), else float32; the device defaults to the
+        CPU for a model given by path or name.
+    channel_axis : int, optional
+        See :func:`biounet.predict`.
     chunk : int, optional
         Stream every input with output chunks of this many pixels per axis.
     scheduler : str, optional
@@ -152,13 +152,13 @@ def predict_files(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    compile = check_compile(compile)
-    if precision == "auto":  # bfloat16 where native: the same segmentation, about 2x faster on such CPUs
-        from biounet.prediction._device import resolve_precision
-
-        precision = resolve_precision(device)
+    options = PredictOptions.of(options, overrides)
     if not isinstance(model, UNet):
-        model = load_model(model, device=device)
+        model = load_model(model, device=options.device or "cpu")
+    if options.precision == "auto":  # bfloat16 where native: the same segmentation, about 2x faster on such CPUs
+        from biounet.device import resolve_precision
+
+        options = options.replace(precision=resolve_precision(options.device or next(model.parameters()).device))
     output = ensure_writable_folder(output)
     plan_outputs(inputs, output, save, stream=chunk is not None or scheduler is not None, overwrite=overwrite)
 
@@ -166,12 +166,11 @@ def predict_files(
     with contextlib.ExitStack() as stack:
         if scheduler:
             stack.enter_context(_dask_client(scheduler))
-        for path in tqdm(inputs, desc="images", unit="image", disable=not progress or len(inputs) < 2):
+        for path in tqdm(inputs, desc="images", unit="image", disable=not options.progress or len(inputs) < 2):
             path = Path(path)
             try:
                 report.written[str(path)] = _predict_one(
-                    model, path, output, save=save, tile=tile, batch_size=batch_size, device=device,
-                    precision=precision, compile=compile, tta=tta, channel_axis=channel_axis, progress=progress,
+                    model, path, output, save=save, options=options, channel_axis=channel_axis,
                     stream=chunk is not None or scheduler is not None, chunk=chunk,
                 )
             except (ValueError, OSError, RuntimeError) as exc:
@@ -195,11 +194,11 @@ def _dask_client(address: str) -> Iterator[object]:
     try:
         from distributed import Client
     except ImportError as exc:
-        raise ValueError("--scheduler needs dask.distributed: pip install 'biounet[large]'") from exc
+        raise InputError("a scheduler needs dask.distributed: pip install 'biounet[large]'", option="scheduler") from exc
     try:
         client = Client(address)
     except (OSError, TimeoutError) as exc:
-        raise ValueError(f"scheduler {address}: cannot connect ({exc})") from exc
+        raise InputError(f"scheduler {address}: cannot connect ({exc})") from exc
     log.info("computing on the Dask cluster at %s (%d workers)", address, len(client.scheduler_info()["workers"]))
     with client:
         yield client
@@ -214,7 +213,7 @@ def _resolved(path: Path) -> Path:
     try:
         return path.resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop
-        raise ValueError(f"{path}: cannot be resolved ({exc})") from None
+        raise InputError(f"{path}: cannot be resolved ({exc})") from None
 
 
 def plan_outputs(
@@ -238,14 +237,14 @@ def plan_outputs(
         for target in planned[path]:
             resolved = _resolved(target)
             if resolved in sources:
-                raise ValueError(f"{path} would write {target}, which is an input of this call ({sources[resolved]}); "
+                raise InputError(f"{path} would write {target}, which is an input of this call ({sources[resolved]}); "
                                  "choose another output folder")  # fmt: skip
             if resolved in owner:
-                raise ValueError(f"{owner[resolved]} and {path} would both be written to {target}: rename one of "
+                raise InputError(f"{owner[resolved]} and {path} would both be written to {target}: rename one of "
                                  "them, or segment them into separate output folders")  # fmt: skip
             owner[resolved] = path
             if target.exists() and not overwrite:
-                raise ValueError(f"{target} exists already (ground truth, or an earlier result?) and {path} would "
+                raise InputError(f"{target} exists already (ground truth, or an earlier result?) and {path} would "
                                  "overwrite it; choose another output folder, or pass --overwrite "
                                  "(overwrite=True) to replace it")  # fmt: skip
     return planned
@@ -264,15 +263,16 @@ def _is_large_tiff(path: Path) -> bool:
 
 
 def _predict_one(
-    model: UNet, path: Path, output: Path, *, save: Sequence[str], channel_axis: int | None, stream: bool,
-    chunk: int | None, **kwargs,
+    model: UNet, path: Path, output: Path, *, save: Sequence[str], options: PredictOptions, channel_axis: int | None,
+    stream: bool, chunk: int | None,
 ) -> list[Path]:  # fmt: skip
     if stream or is_zarr(path) or _is_large_tiff(path):
-        return _predict_streamed(model, path, output, save=save, channel_axis=channel_axis, chunk=chunk, **kwargs)
+        return _predict_streamed(model, path, output, save=save, options=options, channel_axis=channel_axis,
+                                 chunk=chunk)  # fmt: skip
     image, axes = read_image_axes(path)
     spatial_dims = model.config.dims
     items, stack_shape, stack_axes = model_items_of(image, axes, model, channel_axis)
-    prob = predict(model, items if stack_shape else items[0], channel_axis=1 if stack_shape else 0, **kwargs)
+    prob = predict(model, items if stack_shape else items[0], options=options, channel_axis=1 if stack_shape else 0)
     prob = prob.reshape(*stack_shape, *prob.shape[-1 - spatial_dims :])
     written = []
     stem = output_stem(path)
@@ -295,27 +295,28 @@ def _predict_one(
 
 
 def _predict_streamed(
-    model: UNet, path: Path, output: Path, *, save: Sequence[str], channel_axis: int | None, tta: bool,
-    **kwargs,
+    model: UNet, path: Path, output: Path, *, save: Sequence[str], options: PredictOptions, channel_axis: int | None,
+    chunk: int | None,
 ) -> list[Path]:  # fmt: skip
     """Predict one input chunk by chunk into OME-Zarr outputs (see :mod:`biounet.prediction`)."""
     try:
         from biounet.io._lazy import open_image
         from biounet.prediction._chunked import predict_to_zarr
     except ImportError as exc:
-        raise ValueError(f"{path}: streaming needs dask and zarr: pip install 'biounet[large]'") from exc
-    if tta:
-        raise ValueError(f"{path}: --tta is not available for streamed (chunked) prediction")
+        raise InputError(f"{path}: streaming needs dask and zarr: pip install 'biounet[large]'") from exc
+    if options.tta:
+        raise InputError(f"{path}: test-time augmentation is not available for streamed (chunked) prediction",
+                         option="tta")
     source = open_image(path)
     items, stack_shape, stack_axes = model_items_of(source.array, source.axes, model, channel_axis)
     if len(stack_shape) > 1:
-        raise ValueError(f"{path}: streamed prediction takes at most one stack axis; the image has axes {source.axes}")
+        raise InputError(f"{path}: streamed prediction takes at most one stack axis; the image has axes {source.axes}")
     if "overlay" in save:
         log.warning("%s: overlay skipped (not made for streamed images)", path)
     stem = output_stem(path)
     written = predict_to_zarr(
         model, items, output, stem, stack_axis=stack_axes or None, save=[s for s in save if s != "overlay"],
-        zarr_format=source.zarr_format or 2, scale=source.scale, **kwargs,
+        zarr_format=source.zarr_format or 2, scale=source.scale, chunk=chunk, options=options,
     )  # fmt: skip
     log.info("%s -> %s", path, ", ".join(p.name for p in written))
     return written

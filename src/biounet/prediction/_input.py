@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from biounet.errors import InputError
 from biounet.io._intensity import normalize_percentile, rescale_intensity
 from biounet.model import UNet, UNetConfig
 
@@ -18,21 +19,21 @@ def model_items(image: np.ndarray, config: UNetConfig, channel_axis: int | None 
     """
     arr = image if hasattr(image, "__dask_graph__") else np.asarray(image)
     if arr.dtype.kind not in "biuf":
-        raise ValueError(f"image: unsupported pixel type {arr.dtype}; expected integers or floats")
+        raise InputError(f"image: unsupported pixel type {arr.dtype}; expected integers or floats")
     if arr.size == 0:
-        raise ValueError(f"image: empty image of shape {arr.shape}")
+        raise InputError(f"image: empty image of shape {arr.shape}")
     if channel_axis is None:
         if config.in_channels != 1:
-            raise ValueError(
+            raise InputError(
                 f"image: the model takes {config.in_channels} channels; say which axis holds them (channel_axis)"
             )
         arr = np.expand_dims(arr, 0)
         channel_axis = 0
     elif not -arr.ndim <= channel_axis < arr.ndim:
-        raise ValueError(f"channel_axis={channel_axis} is out of range for an image of shape {arr.shape}")
+        raise InputError(f"channel_axis={channel_axis} is out of range for an image of shape {arr.shape}")
     arr = np.moveaxis(arr, channel_axis, 0)
     if arr.shape[0] != config.in_channels:
-        raise ValueError(
+        raise InputError(
             f"image: {arr.shape[0]} channels on axis {channel_axis}, but the model takes {config.in_channels}"
         )
     spatial = arr.ndim - 1
@@ -41,7 +42,7 @@ def model_items(image: np.ndarray, config: UNetConfig, channel_axis: int | None 
     if spatial == config.dims + 1:
         return np.moveaxis(arr, 1, 0), True
     expected = "(Y, X) or a stack (Z, Y, X)" if config.dims == 2 else "(Z, Y, X)"
-    raise ValueError(f"image: shape {np.shape(image)} does not fit a {config.dims}D model; expected {expected}")
+    raise InputError(f"image: shape {np.shape(image)} does not fit a {config.dims}D model; expected {expected}")
 
 
 def as_model_input(image: np.ndarray, config: UNetConfig, channel_axis: int | None = None) -> tuple[np.ndarray, bool]:
@@ -49,7 +50,7 @@ def as_model_input(image: np.ndarray, config: UNetConfig, channel_axis: int | No
     items, stacked = model_items(image, config, channel_axis)
     data = items.astype(np.float32, copy=False)
     if not np.isfinite(data).all():
-        raise ValueError("image: has NaN or infinite pixels")
+        raise InputError("image: has NaN or infinite pixels")
     return data, stacked
 
 
@@ -80,7 +81,7 @@ def check_intensity_range(intensity_range: object, channels: int) -> np.ndarray 
     if values.shape == (2,):
         values = np.tile(values, (channels, 1))
     if values.shape != (channels, 2) or not np.isfinite(values).all():
-        raise ValueError(
+        raise InputError(
             f"intensity_range: expected finite (low, high) values of shape (2,) or ({channels}, 2), "
             f"got shape {np.shape(intensity_range)}"
         )
@@ -92,7 +93,7 @@ def check_context(context: object, dims: int) -> list[tuple[int, int]]:
         return [(0, 0)] * dims
     pairs = [tuple(int(v) for v in pair) for pair in context]  # type: ignore[union-attr]
     if len(pairs) != dims or any(len(p) != 2 or min(p) < 0 for p in pairs):
-        raise ValueError(f"context: expected {dims} pairs (before, after) of non-negative ints, got {context!r}")
+        raise InputError(f"context: expected {dims} pairs (before, after) of non-negative ints, got {context!r}")
     return pairs  # type: ignore[return-value]
 
 

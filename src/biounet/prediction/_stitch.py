@@ -5,24 +5,18 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from biounet.borders import mirror_indices
+from biounet.device import check_device, resolve_precision
+from biounet.errors import InputError
 from biounet.model import UNet, UNetConfig
-from biounet.prediction._device import (
-    CompileMode,
-    Precision,
-    autocast_context,
-    check_compile,
-    check_device,
-    cudnn_benchmark,
-    fast_memory_format,
-    resolve_precision,
-    runner,
-)
+from biounet.prediction._device import Forward, model_forward
 from biounet.prediction._input import (
     as_model_input,
     check_context,
@@ -30,12 +24,8 @@ from biounet.prediction._input import (
     converts_to_luminance,
     normalize_items,
 )
-from biounet.prediction._tiling import (
-    AxisTiling,
-    mirror_indices,
-    plan_tiles,
-    tile_shape,
-)
+from biounet.prediction._options import PredictOptions
+from biounet.prediction._tiling import AxisTiling, plan_tiles, tile_shape
 
 log = logging.getLogger(__name__)
 
@@ -65,58 +55,61 @@ class Progress:
     result: np.ndarray | None = None
 
 
-def predict_steps(
-    model: UNet,
-    image: np.ndarray,
+def stitch_steps(
+    forward: Forward,
+    items: np.ndarray,
+    geometry: UNetConfig,
     *,
-    channel_axis: int | None = None,
     tile: int | Sequence[int] | None = None,
     batch_size: int = 4,
-    device: str | torch.device | None = None,
     tta: bool = False,
-    precision: Precision = "float32",
-    intensity_range: np.ndarray | Sequence[float] | None = None,
     context: Sequence[tuple[int, int]] | None = None,
-    compile: bool | CompileMode = False,
+    full_batches: bool = False,
 ) -> Iterator[Progress]:
-    """Generator form of :func:`predict`: yields a :class:`Progress` after every batch of tiles.
+    """Overlap-tile prediction of prepared items with any network: the pure core of :func:`predict`.
 
-    The last item carries the result. A GUI iterates over it to show progress and stays
-    responsive; :func:`predict` wraps it with a tqdm bar.
+    Parameters
+    ----------
+    forward : callable
+        ``forward(batch) -> logits``: a float32 ``(N, C, *input tile)`` CPU tensor in,
+        ``(N, num_classes, *output tile)`` logits out (on any device; the tiles are stitched
+        there and each image is copied to the host once). Never given anything but valid
+        tiles of ``geometry``.
+    items : ndarray
+        ``(items, channels, *spatial)`` float32, already normalised; never modified.
+    geometry : UNetConfig
+        The network's shape arithmetic (valid input sizes, output size, halo, padding,
+        classes): the only thing the stitcher knows of the network.
+    tile, batch_size, tta
+        As in :class:`PredictOptions`.
+    context : sequence of (int, int), optional
+        Real image context ``(before, after)`` per spatial axis around the region to predict
+        (see :func:`predict`).
+    full_batches : bool
+        Fill the last batch of each tile shape up to ``batch_size`` (a compiled forward then
+        runs one graph per tile shape).
+
+    Yields
+    ------
+    Progress
+        After every batch; the last one carries the ``(items, classes, *region)`` softmax
+        probabilities, float32.
     """
-    config = model.config
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if precision not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"precision must be 'auto', 'float32', 'bfloat16' or 'float16', got {precision!r}")
-    if precision == "auto":
-        precision = resolve_precision(device if device is not None else next(model.parameters()).device)
-    compile = check_compile(compile)
-    shape = np.shape(image)
-    if channel_axis is not None and -len(shape) <= channel_axis < len(shape):
-        if converts_to_luminance(model, shape[channel_axis]):  # as the model was trained
-            from biounet.io._images import to_luminance
-
-            image, channel_axis = to_luminance(np.asarray(image), "image", axis=channel_axis), None
-    items, stacked = as_model_input(image, config, channel_axis)
-    spans = check_context(context, config.dims)
-    if tta and config.dims != 2:
-        raise ValueError("tta=True is implemented for 2D models only")
+    spans = check_context(context, geometry.dims)
+    if tta and geometry.dims != 2:
+        raise InputError("tta=True is implemented for 2D models only")
     if tta and context is not None:
-        raise ValueError("tta=True cannot be combined with context (chunks of a larger image)")
+        raise InputError("tta=True cannot be combined with context (chunks of a larger image)")
     region = tuple(size - before - after for size, (before, after) in zip(items.shape[2:], spans, strict=True))
     if min(region) < 1:
-        raise ValueError(f"context: {spans} leaves no pixels to predict in an image of spatial shape {items.shape[2:]}")
-    ranges = check_intensity_range(intensity_range, config.in_channels)
-    items = normalize_items(items, model.info.normalization, ranges)
+        raise InputError(f"context: {spans} leaves no pixels to predict in an image of spatial shape {items.shape[2:]}")
     transforms = DIHEDRAL if tta else ((0, False),)
-    device = check_device(device) if device is not None else next(model.parameters()).device
 
     # One job per (item, transform); each job's tiles are independent and batched together.
     jobs = [(i, t) for i in range(len(items)) for t in transforms]
     inputs = [np.ascontiguousarray(dihedral(items[i], *t)) for i, t in jobs]
     regions = [region if context is not None else x.shape[1:] for x in inputs]  # context excludes TTA
-    layouts = [plan_tiles(config, shape, tile) for shape in regions]
+    layouts = [plan_tiles(geometry, shape, tile) for shape in regions]
     # Job after job, each job's tiles grouped by shape (a stable sort): batches of one shape,
     # shared by consecutive jobs of the same shape, and few jobs in flight at a time.
     tiles = [
@@ -126,39 +119,70 @@ def predict_steps(
     batches = _batches(tiles, lambda tile: tile_shape(layouts[tile[0]], tile[1]), batch_size)
     log.debug("%d image(s), %d transform(s), %d tile(s)", len(items), len(transforms), len(tiles))
 
-    run = runner(model, device, compile)
-    out = np.zeros((len(items), config.num_classes, *region), np.float32)
+    out = np.zeros((len(items), geometry.num_classes, *region), np.float32)
     # Each job is stitched where it is computed (no per-tile copy back from a GPU) and copied
     # to the host once its last tile is in, so device memory holds only the jobs in flight.
     results: dict[int, torch.Tensor] = {}
     pending = [math.prod(a.count for a in layout) for layout in layouts]
-    was_training = model.training
-    model.eval()
-    try:
-        done = 0
-        yield Progress(0, len(tiles))
-        for batch in batches:
-            windows = [_input_window(inputs[j], layouts[j], spans, corner) for j, corner in batch]
-            if compile and len(windows) < batch_size:  # a full batch: one compiled graph per tile shape
-                windows += [windows[-1]] * (batch_size - len(windows))
-            probs = _forward(run, config, windows, device, precision)[: len(batch)]
-            with torch.inference_mode():
-                for (j, corner), prob in zip(batch, probs, strict=True):
-                    if j not in results:
-                        results[j] = torch.zeros((config.num_classes, *regions[j]), device=device)
-                    _paste(results[j], prob, layouts[j], corner)
-                    pending[j] -= 1
-                    if not pending[j]:
-                        i, t = jobs[j]
-                        out[i] += dihedral_inverse(results.pop(j).cpu().numpy(), *t)
-            done += len(batch)
-            yield Progress(done, len(tiles))
-    finally:
-        model.train(was_training)
-
+    done = 0
+    yield Progress(0, len(tiles))
+    for batch in batches:
+        windows = [_input_window(inputs[j], layouts[j], spans, corner) for j, corner in batch]
+        if full_batches and len(windows) < batch_size:
+            windows += [windows[-1]] * (batch_size - len(windows))
+        probs = _probabilities(forward, geometry, windows)[: len(batch)]
+        with torch.inference_mode():
+            for (j, corner), prob in zip(batch, probs, strict=True):
+                if j not in results:
+                    results[j] = torch.zeros((geometry.num_classes, *regions[j]), device=prob.device)
+                _paste(results[j], prob, layouts[j], corner)
+                pending[j] -= 1
+                if not pending[j]:
+                    i, t = jobs[j]
+                    out[i] += dihedral_inverse(results.pop(j).cpu().numpy(), *t)
+        done += len(batch)
+        yield Progress(done, len(tiles))
     if tta:
         out /= len(transforms)
-    yield Progress(len(tiles), len(tiles), out if stacked else out[0])
+    yield Progress(len(tiles), len(tiles), out)
+
+
+def predict_steps(
+    model: UNet,
+    image: np.ndarray,
+    *,
+    options: PredictOptions | None = None,
+    channel_axis: int | None = None,
+    intensity_range: np.ndarray | Sequence[float] | None = None,
+    context: Sequence[tuple[int, int]] | None = None,
+    **overrides: Any,
+) -> Iterator[Progress]:
+    """Generator form of :func:`predict`: yields a :class:`Progress` after every batch of tiles.
+
+    The last item carries the result. A GUI iterates over it to show progress and stays
+    responsive; :func:`predict` wraps it with a tqdm bar. The image is arranged and
+    normalised as the model was trained (its axes once, here), then :func:`stitch_steps`
+    runs the model as a pure function (:func:`model_forward`): ``model`` is not changed.
+    """
+    options = PredictOptions.of(options, overrides)
+    config = model.config
+    device = check_device(options.device) if options.device is not None else next(model.parameters()).device
+    precision = resolve_precision(device) if options.precision == "auto" else options.precision
+    shape = np.shape(image)
+    if channel_axis is not None and -len(shape) <= channel_axis < len(shape):
+        if converts_to_luminance(model, shape[channel_axis]):  # as the model was trained
+            from biounet.io._images import to_luminance
+
+            image, channel_axis = to_luminance(np.asarray(image), "image", axis=channel_axis), None
+    items, stacked = as_model_input(image, config, channel_axis)
+    ranges = check_intensity_range(intensity_range, config.in_channels)
+    items = normalize_items(items, model.info.normalization, ranges)
+    forward = model_forward(model, device, precision, options.compile)
+    for step in stitch_steps(forward, items, config, tile=options.tile, batch_size=options.batch_size,
+                             tta=options.tta, context=context, full_batches=bool(options.compile)):  # fmt: skip
+        if step.result is not None and not stacked:
+            step = Progress(step.done, step.total, step.result[0])
+        yield step
 
 
 def _batches(tiles: list, key, size: int) -> list[list]:
@@ -201,32 +225,14 @@ def _input_window(
     return window
 
 
-def _forward(
-    run: Callable[[torch.Tensor], torch.Tensor],
-    config: UNetConfig,
-    windows: list[np.ndarray],
-    device: torch.device,
-    precision: Precision,
-) -> torch.Tensor:
-    """Class probabilities (float32) of a batch of input windows, on ``device``.
-
-    On CUDA the batch goes through pinned host memory with a non-blocking copy, so the host
-    prepares the next batch while the device computes; nothing waits for the device until
-    the stitched result is copied back once at the end.
-    """
-    batch = torch.from_numpy(np.stack(windows))
-    if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    else:
-        batch = batch.to(device)
-    memory_format = fast_memory_format(device, config.dims)
-    if memory_format is not None:
-        batch = batch.contiguous(memory_format=memory_format)
-    with torch.inference_mode(), autocast_context(device, precision), cudnn_benchmark(device):
-        probs = torch.softmax(run(batch).float(), dim=1)
-    if config.padding == "same":  # keep the centre, where the context is complete
-        halo = config.halo
-        probs = probs[(slice(None), slice(None), *(slice(halo, s - halo) for s in probs.shape[2:]))]
+def _probabilities(forward: Forward, geometry: UNetConfig, windows: list[np.ndarray]) -> torch.Tensor:
+    """Class probabilities (float32) of a batch of input windows, where ``forward`` computed them."""
+    logits = forward(torch.from_numpy(np.stack(windows)))
+    with torch.inference_mode():
+        probs = torch.softmax(logits.float(), dim=1)
+        if geometry.padding == "same":  # keep the centre, where the context is complete
+            halo = geometry.halo
+            probs = probs[(slice(None), slice(None), *(slice(halo, s - halo) for s in probs.shape[2:]))]
     return probs
 
 
@@ -243,16 +249,11 @@ def predict(
     model: UNet,
     image: np.ndarray,
     *,
+    options: PredictOptions | None = None,
     channel_axis: int | None = None,
-    tile: int | Sequence[int] | None = None,
-    batch_size: int = 4,
-    device: str | torch.device | None = None,
-    tta: bool = False,
-    precision: Precision = "float32",
     intensity_range: np.ndarray | Sequence[float] | None = None,
     context: Sequence[tuple[int, int]] | None = None,
-    compile: bool | CompileMode = False,
-    progress: bool = True,
+    **overrides: Any,
 ) -> np.ndarray:
     """Segment an image of any size with the overlap-tile strategy; return class probabilities.
 
@@ -260,31 +261,21 @@ def predict(
     ----------
     model : UNet
         The network; its stored input normalisation (percentiles) is applied per image and
-        channel. It is run in eval mode and left in the mode it was in.
+        channel. It is never changed: a private eval-mode copy runs (:func:`model_forward`).
     image : ndarray
         ``(Y, X)``, a stack ``(Z, Y, X)`` segmented slice by slice, or either with a channel
         axis (``channel_axis``) for multi-channel models; ``(Z, Y, X)`` for 3D models. Any
         size from 1x1 up; never modified.
+    options : PredictOptions, optional
+        Tile, batch size, device, precision, compilation, TTA and progress bar (default:
+        ``PredictOptions()``). The tiles per axis are as few as possible, laid out to compute
+        the fewest output pixels (:func:`plan_axis`; the last may be smaller). float32, the
+        default precision, is the one in which tiled prediction equals whole-image
+        prediction; bfloat16 probabilities stay within 0.05 of float32 (max abs difference)
+        and 0.005 on average, as the tests check on the CPU on random networks of depth 2 to 4.
     channel_axis : int, optional
         The axis of ``image`` that holds the channels. Required when the model takes more
         than one channel; never guessed.
-    tile : int or sequence of int, optional
-        Largest input tile per axis (the nearest valid size at or below it is used; default
-        700 for 2D models). The tiles per axis are then as few as possible, laid out to
-        compute the fewest output pixels (:func:`plan_axis`; the last may be smaller).
-    batch_size : int
-        Tiles per forward pass.
-    device : str or torch.device, optional
-        Where to compute (default: where the model's weights are).
-    tta : bool
-        Average the predictions of the 8 flips and 90-degree rotations (2D models).
-    precision : {"float32", "auto", "bfloat16", "float16"}
-        Autocast precision of the forward pass; the softmax is float32. ``"auto"`` is
-        bfloat16 where the device computes it natively (:func:`resolve_precision`), else
-        float32; float32, the default, is the precision in which tiled prediction equals
-        whole-image prediction. bfloat16
-        probabilities stay within 0.05 of float32 (max abs difference) and 0.005 on
-        average, as the tests check on the CPU on random networks of depth 2 to 4.
     intensity_range : array_like, optional
         The intensities that the model's normalisation percentiles map to 0 and 1,
         ``(low, high)`` or one pair per channel ``(channels, 2)``, measured beforehand (e.g.
@@ -296,13 +287,12 @@ def predict(
         ``padding="valid"``, a region starting at a multiple of ``2**depth`` of the full
         image and ending at one (or at the image end, mirrored on to one) and the context of
         :func:`chunk_context`, the result equals that region of the full image's result.
-    compile : bool or {"default", "reduce-overhead", "max-autotune"}
-        Run the network through ``torch.compile`` (``True``: its default mode) compiled
-        once per model, tile shape and batch size; worth it for many tiles on a GPU.
-        ``"reduce-overhead"`` also replays each forward pass as a CUDA graph, which removes
-        the kernel launch overhead that dominates small images on a fast GPU.
-    progress : bool
-        Show a tqdm bar over the tiles.
+    **overrides
+        Fields of :class:`PredictOptions` to change for this call, e.g. ``tile=512`` or
+        ``device="cuda"``. ``compile`` compiles once per model, weights, tile shape and batch
+        size; worth it for many tiles on a GPU (``"reduce-overhead"`` also replays each
+        forward pass as a CUDA graph, which removes the kernel launch overhead that dominates
+        small images on a fast GPU).
 
     Returns
     -------
@@ -320,7 +310,7 @@ def predict(
     (see the tests for the measured seam error).
 
     Speed: the network runs in channels-last memory format on CUDA and, for 2D models, on
-    the CPU (the model's weights are converted in place; their values do not change), 1.24x
+    the CPU (in the private copy; the values do not change), 1.24x
     (paper net) to 2.0x (narrow nets) faster on a CPU with oneDNN. On a CUDA device the
     batches also go through pinned host memory with non-blocking copies,
     ``cudnn.benchmark`` is on during the forward pass, and the tiles are stitched on the
@@ -335,14 +325,13 @@ def predict(
     """
     from tqdm.auto import tqdm
 
+    options = PredictOptions.of(options, overrides)
     bar = None
     try:
-        for step in predict_steps(
-            model, image, channel_axis=channel_axis, tile=tile, batch_size=batch_size, device=device, tta=tta,
-            precision=precision, intensity_range=intensity_range, context=context, compile=compile,
-        ):
+        for step in predict_steps(model, image, options=options, channel_axis=channel_axis,
+                                  intensity_range=intensity_range, context=context):  # fmt: skip
             if bar is None:
-                bar = tqdm(total=step.total, desc="tiles", unit="tile", disable=not progress, leave=False)
+                bar = tqdm(total=step.total, desc="tiles", unit="tile", disable=not options.progress, leave=False)
             bar.update(step.done - bar.n)
             if step.result is not None:
                 return step.result

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from biounet.errors import InputError
 from biounet.model import UNetConfig
 
 log = logging.getLogger(__name__)
@@ -19,34 +20,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TILE_2D = 700
 #: Default largest input tile per axis for 3D models.
 DEFAULT_TILE_3D = 124
-
-
-def mirror_indices(size: int, before: int, after: int) -> np.ndarray:
-    """Source index of every position of an axis of length ``size`` padded by mirroring.
-
-    Position ``i`` in ``[-before, size + after)`` reads pixel ``m(i)`` where ``m`` reflects
-    about the first and last pixel without repeating them (period ``2 * (size - 1)``), the
-    rule of ``numpy.pad(mode="reflect")``. For ``size == 1`` every position reads pixel 0.
-    The value at a position does not depend on ``before``/``after``: padding more never
-    changes pixels already padded, which is what makes tiling and streaming exact.
-    """
-    if size < 1 or before < 0 or after < 0:
-        raise ValueError(f"mirror_indices: need size >= 1 and non-negative pads, got {size}, {before}, {after}")
-    positions = np.arange(-before, size + after)
-    if size == 1:
-        return np.zeros_like(positions)
-    period = 2 * (size - 1)
-    folded = np.mod(positions, period)
-    return np.where(folded < size, folded, period - folded)
-
-
-def mirror_pad(array: np.ndarray, pads: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Mirror-pad the last ``len(pads)`` axes of ``array`` (see :func:`mirror_indices`)."""
-    out = np.asarray(array)
-    first = out.ndim - len(pads)
-    for axis, (before, after) in enumerate(pads, start=first):
-        out = np.take(out, mirror_indices(out.shape[axis], before, after), axis=axis)
-    return out
 
 
 @dataclass(frozen=True)
@@ -139,9 +112,9 @@ def plan_tiles(config: UNetConfig, shape: Sequence[int], tile: int | Sequence[in
     asked, tile = tile, (DEFAULT_TILE_2D if config.dims == 2 else DEFAULT_TILE_3D) if tile is None else tile
     tiles = [int(tile)] * len(shape) if isinstance(tile, (int, np.integer)) else [int(t) for t in tile]
     if len(tiles) != len(shape):
-        raise ValueError(f"tile: expected one size or {len(shape)} sizes, got {tile!r}")
+        raise InputError(f"tile: expected one size or {len(shape)} sizes, got {tile!r}")
     if min(tiles) < 1:
-        raise ValueError(f"tile: sizes must be positive, got {tile!r}")
+        raise InputError(f"tile: sizes must be positive, got {tile!r}")
     layout = [plan_axis(int(size), config, t) for size, t in zip(shape, tiles, strict=True)]
     used = [axis.tile_in for axis in layout]
     if asked is not None and any(u > t for u, t in zip(used, tiles, strict=True)):

@@ -29,9 +29,7 @@ _EXPORTS: dict[str, str] = {
     "rank_device": "_distributed",
     "CsvLog": "_logs",
     "EventWriter": "_logs",
-    "crc32c": "_logs",
     "plot_curves": "_logs",
-    "read_events": "_logs",
     "Status": "_loop",
     "train": "_loop",
     "train_steps": "_loop",
@@ -68,13 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TrainConfig,
     )
     from biounet.training._distributed import rank_device  # noqa: F401
-    from biounet.training._logs import (  # noqa: F401
-        CsvLog,
-        EventWriter,
-        crc32c,
-        plot_curves,
-        read_events,
-    )
+    from biounet.training._logs import CsvLog, EventWriter, plot_curves  # noqa: F401
     from biounet.training._loop import Status, train, train_steps  # noqa: F401
     from biounet.training._losses import soft_dice_loss, weighted_cross_entropy  # noqa: F401
     from biounet.training._optim import lr_factor, make_optimizer  # noqa: F401

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from biounet.errors import InputError
 from biounet.model import ModelInfo, UNetConfig
 from biounet.training._config import TrainConfig
 from biounet.training._losses import weighted_cross_entropy
@@ -95,7 +96,7 @@ def plan_steps(
     end. Never fewer than ``done``.
     """
     if not (budget > 0 and step_seconds > 0 and val_every >= 1):
-        raise ValueError(f"plan_steps needs budget > 0, step_seconds > 0, val_every >= 1, got "
+        raise InputError(f"plan_steps needs budget > 0, step_seconds > 0, val_every >= 1, got "
                          f"{budget!r}, {step_seconds!r}, {val_every!r}")  # fmt: skip
     per_step = step_seconds + val_seconds / val_every
     return done + max(0, math.floor((budget - elapsed - val_seconds) / per_step))

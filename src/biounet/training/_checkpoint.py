@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from biounet.errors import InputError
 from biounet.io._files import atomic_write, ensure_writable_folder
 from biounet.training._config import TrainConfig
 
@@ -29,10 +31,10 @@ def read_run_config(path: Path) -> dict[str, Any]:
     try:
         saved = json.loads(path.read_text())
         if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
+            raise InputError("not a JSON object")
         return saved
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read the run's configuration: {exc}") from exc
+        raise InputError(f"{path}: cannot read the run's configuration: {exc}") from exc
 
 
 def check_resumable(path: Path, saved: Mapping[str, Any], config: TrainConfig) -> None:
@@ -46,12 +48,12 @@ def check_resumable(path: Path, saved: Mapping[str, Any], config: TrainConfig) -
     try:
         before = dataclasses.asdict(TrainConfig.from_dict({**dataclasses.asdict(config), **saved}))
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: cannot read the run's configuration: {exc}") from exc
+        raise InputError(f"{path}: cannot read the run's configuration: {exc}") from exc
     now = dataclasses.asdict(TrainConfig.from_dict(dataclasses.asdict(config)))
     changed = [k for k in saved if k in now and k not in RESUMABLE_CHANGES and now[k] != before[k]]
     if changed:
         what = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"{path.parent}: cannot resume with a changed recipe ({what}); only "
+        raise InputError(f"{path.parent}: cannot resume with a changed recipe ({what}); only "
                          f"{', '.join(RESUMABLE_CHANGES)} may change. The run is unchanged and still resumable.")  # fmt: skip
 
 
@@ -63,7 +65,7 @@ def write_config(path: Path, config: TrainConfig) -> None:
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     ensure_writable_folder(run_dir, "run folder")
     if not resume and (run_dir / CHECKPOINT).exists():
-        raise ValueError(f"{run_dir}: holds a run already; use --resume to continue it or choose another folder")
+        raise InputError(f"{run_dir}: holds a run already; resume it or choose another folder", option="resume")
 
 
 def save_checkpoint(
@@ -113,3 +115,31 @@ def restore_rng_states(
     cuda = (state.get("cuda_rngs") or [None] * world)[rank]
     if cuda is not None and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda, device)
+
+
+def resume_from(
+    path: Path, best_by: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    generator: torch.Generator, rank: int, world: int, device: torch.device,
+) -> tuple[int, float, int]:  # fmt: skip
+    """Load the checkpoint at ``path`` into the run's objects; return its step, best score and best step.
+
+    Model, optimiser, schedule and random streams (:func:`restore_rng_states`) continue
+    exactly where the checkpoint was written. A checkpoint whose best model was chosen by
+    another score restarts the choice. Any unreadable file (truncated, foreign, hostile:
+    ``torch.load`` with ``weights_only=True`` never runs its code) is one error naming it.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_states(state, generator, rank, world, device)
+        start, best, best_step = int(state["step"]), float(state["best"]), int(state.get("best_step", 0))
+    except Exception as exc:  # torch, pickle and key errors alike
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"{path}: not a checkpoint of this run ({type(exc).__name__}: {first}); the run folder "
+                         "is unchanged") from exc  # fmt: skip
+    if state.get("best_by", "iou") != best_by:  # checkpoints before best_by kept the IoU
+        log.info("resuming with best_by=%s: the best model is chosen afresh", best_by)
+        best, best_step = -math.inf, 0
+    return start, best, best_step

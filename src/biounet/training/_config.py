@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from biounet.errors import InputError
 from biounet.model import ModelInfo, UNet, UNetConfig
 
 Optimizer = Literal["sgd", "adam", "adamw"]
@@ -43,7 +44,7 @@ class TrainConfig:
 
     ``precision = "auto"`` trains in bfloat16 autocast where the device runs it natively (a
     CPU with AVX512-BF16 or AMX, a CUDA GPU of compute capability 8 or more; see
-    :func:`biounet.prediction.resolve_precision`), else in float32; the resolved value is what the run folder
+    :func:`biounet.device.resolve_precision`), else in float32; the resolved value is what the run folder
     records. ``minutes`` gives the run a time budget instead of a number of steps: after
     :data:`BUDGET_PROBE_STEPS` steps (and one timed validation) the number of steps that
     fits the budget is fixed and recorded, so the rest of the run, and a resumed run, is
@@ -102,28 +103,28 @@ class TrainConfig:
         positive += () if self.tile == "auto" else ("tile",)
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise InputError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"TrainConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
+            raise InputError(f"TrainConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("constant", "poly", "cosine"):
-            raise ValueError(f"TrainConfig.schedule must be 'constant', 'poly' or 'cosine', got {self.schedule!r}")
+            raise InputError(f"TrainConfig.schedule must be 'constant', 'poly' or 'cosine', got {self.schedule!r}")
         if self.split not in ("none", "distance", "probability", "border"):
-            raise ValueError(f"TrainConfig.split must be 'none', 'distance', 'probability' or 'border', got {self.split!r}")
+            raise InputError(f"TrainConfig.split must be 'none', 'distance', 'probability' or 'border', got {self.split!r}")
         if (self.target == "border") != (self.split == "border"):
-            raise ValueError(f'TrainConfig: target = "border" and split = "border" go together (the interiors of the '
+            raise InputError(f'TrainConfig: target = "border" and split = "border" go together (the interiors of the '
                              f"3-class target seed the objects); got target = {self.target!r}, split = {self.split!r}")
         if not isinstance(self.min_size, int) or self.min_size < 0:
-            raise ValueError(f"TrainConfig.min_size must be an integer >= 0, got {self.min_size!r}")
+            raise InputError(f"TrainConfig.min_size must be an integer >= 0, got {self.min_size!r}")
         if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+            raise InputError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         if self.precision not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"TrainConfig.precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
+            raise InputError(f"TrainConfig.precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
         if self.minutes is not None and not (isinstance(self.minutes, int | float) and 0 < self.minutes < math.inf):
-            raise ValueError(f"TrainConfig.minutes must be a positive number of minutes, got {self.minutes!r}")
+            raise InputError(f"TrainConfig.minutes must be a positive number of minutes, got {self.minutes!r}")
         if self.best_by not in ("v_rand", "ap", "iou"):
-            raise ValueError(f"TrainConfig.best_by must be 'v_rand', 'ap' or 'iou', got {self.best_by!r}")
+            raise InputError(f"TrainConfig.best_by must be 'v_rand', 'ap' or 'iou', got {self.best_by!r}")
         if self.color not in ("keep", "luminance"):
-            raise ValueError(f"TrainConfig.color must be 'keep' or 'luminance', got {self.color!r}")
+            raise InputError(f"TrainConfig.color must be 'keep' or 'luminance', got {self.color!r}")
 
     @classmethod
     def preset(cls, name: Literal["paper", "fast"], **overrides: Any) -> TrainConfig:
@@ -137,7 +138,7 @@ class TrainConfig:
             },
         }
         if name not in presets:
-            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
+            raise InputError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
         return cls.from_dict({**presets[name], **overrides})
 
     @classmethod
@@ -146,12 +147,12 @@ class TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(fields)}")
+            raise InputError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(fields)}")
         values = dict(data)
         hints = typing.get_type_hints(cls)
         for name, value in values.items():
             if not _has_type(value, hints[name]):
-                raise ValueError(f"training option {name} must be {_type_name(hints[name])}, got {value!r}")
+                raise InputError(f"training option {name} must be {_type_name(hints[name])}, got {value!r}")
         if values.get("normalization") is not None:
             values["normalization"] = tuple(float(v) for v in values["normalization"])
         return cls(**values)
@@ -162,7 +163,7 @@ class TrainConfig:
         for item in assignments:
             key, sep, raw = item.partition("=")
             if not sep:
-                raise ValueError(f"--set expects field=value, got {item!r}")
+                raise InputError(f"override {item!r} is not field=value", option="set")
             try:
                 values[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
             except tomllib.TOMLDecodeError:
@@ -175,13 +176,13 @@ class TrainConfig:
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read training config: {exc}") from exc
+            raise InputError(f"{path}: cannot read training config: {exc}") from exc
         preset = data.pop("preset", None)
         start = cls.preset(preset) if preset else (base or cls())
         try:
             return cls.from_dict({**dataclasses.asdict(start), **data})
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+            raise InputError(f"{path}: {exc}") from exc
 
     @property
     def postprocess(self) -> dict[str, Any]:

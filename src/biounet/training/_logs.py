@@ -1,23 +1,24 @@
 """Training logs: a CSV file, TensorBoard event files, and a PNG of the curves.
 
-The TensorBoard writer is written here in a few lines (TFRecord framing, masked CRC32C and
-the three protobuf messages a scalar needs) so that training logs for TensorBoard without
-depending on the tensorboard or tensorflow packages. TensorBoard reads the files as usual:
-``tensorboard --logdir RUNDIR``.
+The TensorBoard event files are written by ``tensorboardX`` (the optional extra
+``biounet[tensorboard]``; it needs protobuf, not TensorFlow) and read as usual with
+``tensorboard --logdir RUNDIR``. Without it, training still writes the CSV and the curves.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
+import logging
 import math
 import os
-import socket
-import struct
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class CsvLog:
@@ -70,99 +71,43 @@ def _fmt(value: object) -> object:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), the checksum of TFRecord files."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits, value = value & 0x7F, value >> 7
-        out.append(bits | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | wire) + payload
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _field(number, 2, _varint(len(payload)) + payload)
-
-
-def _event(wall_time: float, step: int, *, file_version: str | None = None, scalars: Mapping[str, float] = {}) -> bytes:
-    # Event { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
-    # Summary { repeated Value value = 1; }  Value { string tag = 1; float simple_value = 2; }
-    message = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        message += _length_delimited(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _length_delimited(1, _length_delimited(1, tag.encode()) + _field(2, 5, struct.pack("<f", value)))
-            for tag, value in scalars.items()
-        )
-        message += _length_delimited(5, values)
-    return message
+#: tells apart the event files of writers that share a folder, a process and a second
+_SERIAL = itertools.count()
 
 
 class EventWriter:
-    """Scalars to a TensorBoard event file ``events.out.tfevents.<time>.<host>`` in ``folder``."""
+    """Scalars to a TensorBoard event file ``events.out.tfevents.<time>.<host>.<pid>.<n>.biounet`` in ``folder``.
 
-    def __init__(self, folder: Path) -> None:
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.biounet"
-        self.path = Path(folder) / name
-        self._write(_event(time.time(), 0, file_version="brain.Event:2"))
+    A thin wrapper of :class:`tensorboardX.SummaryWriter`: one ``add_scalar`` per finite value.
+    Without tensorboardX it logs one line and writes nothing. Events reach the file within
+    ``flush_secs`` seconds and all of them at :meth:`close`. ``purge_step``: TensorBoard
+    drops the events of earlier files from that step on (as ``CsvLog`` drops the rows).
+    """
+
+    def __init__(self, folder: Path, *, flush_secs: int = 10, purge_step: int | None = None) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            log.info("tensorboardX is not installed (pip install 'biounet[tensorboard]'): no TensorBoard events; "
+                     "log.csv and curves.png are still written")  # fmt: skip
+            self._writer: Any = None
+            return
+        suffix = f".{os.getpid()}.{next(_SERIAL)}.biounet"  # tensorboardX names files by the second only
+        # a resumed run (purge_step: its checkpoint's step + 1) hides the steps it logged after that checkpoint
+        self._writer = SummaryWriter(str(folder), flush_secs=flush_secs, filename_suffix=suffix, purge_step=purge_step)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        finite = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if finite:
-            self._write(_event(time.time(), step, scalars=finite))
+        """Log the finite numbers of ``values`` at ``step``; others (NaN, text) are skipped."""
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(tag, float(value), step)
 
-    def _write(self, record: bytes) -> None:
-        header = struct.pack("<Q", len(record))
-        with self.path.open("ab") as handle:
-            handle.write(header + struct.pack("<I", _masked_crc(header)) + record)
-            handle.write(struct.pack("<I", _masked_crc(record)))
-
-
-def read_events(path: Path) -> list[bytes]:
-    """The records of a TFRecord file, their checksums verified (for tests and tools)."""
-    data, records, offset = Path(path).read_bytes(), [], 0
-    while offset < len(data):
-        (length,) = struct.unpack_from("<Q", data, offset)
-        (crc,) = struct.unpack_from("<I", data, offset + 8)
-        if crc != _masked_crc(data[offset : offset + 8]):
-            raise ValueError(f"{path}: corrupt length checksum at byte {offset}")
-        record = data[offset + 12 : offset + 12 + length]
-        (crc,) = struct.unpack_from("<I", data, offset + 12 + length)
-        if crc != _masked_crc(record):
-            raise ValueError(f"{path}: corrupt record checksum at byte {offset}")
-        records.append(record)
-        offset += 16 + length
-    return records
+    def close(self) -> None:
+        """Write the pending events and close the file (again: nothing)."""
+        if self._writer is not None:
+            self._writer.close()
 
 
 def plot_curves(rows: Sequence[Mapping[str, str]], path: Path, *, title: str = "") -> Path:

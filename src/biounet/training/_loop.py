@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from biounet.errors import TrainingError
+from biounet.device import check_device
+from biounet.errors import InputError, TrainingError
 from biounet.model import ModelInfo, UNet
-from biounet.prediction._device import check_device
 from biounet.training._budget import BUDGET_PROBE_STEPS, auto_tile, plan_steps
 from biounet.training._checkpoint import (
     CHECKPOINT,
@@ -23,7 +23,7 @@ from biounet.training._checkpoint import (
     gather_rng_states,
     prepare_run_dir,
     read_run_config,
-    restore_rng_states,
+    resume_from,
     save_checkpoint,
     write_config,
 )
@@ -102,22 +102,95 @@ def train_steps(
     device: str = "cpu",
     resume: bool = False,
 ) -> Iterator[Status]:
-    """Generator form of :func:`train`: yields a :class:`Status` after every step."""
-    from biounet.data._augment import AugmentConfig, augment_batch
+    """Generator form of :func:`train`: yields a :class:`Status` after every step.
+
+    The loop, top to bottom: a step; with a time budget, after :data:`BUDGET_PROBE_STEPS`
+    timed steps the number of steps is fixed (:func:`plan_steps`); validation every
+    ``val_every`` steps keeps the best model; a row of the log; a checkpoint every
+    ``checkpoint_every`` steps (none before the budget is fixed, so a resumed run is exact).
+    The run is built by :func:`_start_run`.
+    """
+    run = _start_run(samples, Path(run_dir), config, val_samples, device, resume)
+    started = time.perf_counter()
+    planned = run.config.minutes is None or run.start >= BUDGET_PROBE_STEPS
+    if not planned:  # until the probe steps have been timed, the run has no end
+        run.config = dataclasses.replace(run.config, steps=10**9)
+    warm = run.start + max(1, min(5, (BUDGET_PROBE_STEPS - run.start) // 2))  # the first steps warm the kernels up
+    probe_started, probe_from = started, run.start
+    for step in range(run.start + 1, run.config.steps + 1):
+        t0 = time.perf_counter()
+        loss = _train_step(run, step)
+        row: dict[str, float] = {"step": step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+                                 "seconds": time.perf_counter() - started,
+                                 "tiles_per_s": run.config.batch_size / (time.perf_counter() - t0)}  # fmt: skip
+        metrics: dict[str, float] = {}
+        if not planned and step == BUDGET_PROBE_STEPS:  # a time budget: fix the number of steps now
+            metrics = _fix_budget(run, step, started, (time.perf_counter() - probe_started) / (step - probe_from))
+            planned = True
+        elif run.val_samples and (step % run.config.val_every == 0 or step == run.config.steps) and run.rank == 0:
+            metrics = _validate(run, step)
+        row.update({f"val_{k}": v for k, v in metrics.items()})
+        if run.rank == 0:
+            run.csv_log.write(row)
+            run.events.scalars(step, {k: v for k, v in row.items() if k != "step"})
+        if step == warm:
+            probe_started, probe_from = time.perf_counter(), step
+        if planned and (step % run.config.checkpoint_every == 0 or step == run.config.steps):
+            _save(run, step)
+        yield Status(step, row["loss"], row["lr"], row["seconds"], metrics, run.config.steps if planned else 0)
+        if step >= run.config.steps:
+            break
+    _finish(run)
+
+
+@dataclass
+class _Run:
+    """What a training run holds between steps (built by :func:`_start_run`)."""
+
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    model: UNet
+    forward: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tiles: Any
+    augment: Any
+    generator: torch.Generator
+    inner: slice
+    val_samples: list[Any]
+    csv_log: Any
+    events: Any
+    start: int = 0
+    best: float = -math.inf
+    best_step: int = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+
+def _start_run(
+    samples: Sequence[Any], run_dir: Path, config: TrainConfig, val_samples: Sequence[Any], device: str, resume: bool
+) -> _Run:  # fmt: skip
+    """Check the data, build the network, optimiser, tiles and augmentation, and resume if asked."""
+    from biounet.data._augment import AugmentConfig
     from biounet.data._tiles import TileDataset
     from biounet.data._weights import weight_map
-    from biounet.training._logs import CsvLog, EventWriter, plot_curves
+    from biounet.device import resolve_precision
+    from biounet.training._logs import CsvLog, EventWriter
 
-    run_dir, device_ = Path(run_dir), rank_device(check_device(device))
+    device_ = rank_device(check_device(device))
     if device_.type == "cuda" and device_.index is not None:
         torch.cuda.set_device(device_)  # NCCL's collectives use the current device
     rank, world = distributed_setup(device_)
-    samples = _as_input(list(samples), config.color)
+    samples, val_samples = _as_input(list(samples), config.color), _as_input(list(val_samples), config.color)
     _check_data(samples, "training data")
-    in_channels = 1 if samples[0].image.ndim == 2 else samples[0].image.shape[2]
-    val_samples = _as_input(list(val_samples), config.color)
     if val_samples:
         _check_data(val_samples, "validation data")
+    in_channels = 1 if samples[0].image.ndim == 2 else samples[0].image.shape[2]
     if rank == 0:
         prepare_run_dir(run_dir, resume)
     torch.manual_seed(config.seed)
@@ -126,20 +199,20 @@ def train_steps(
     elif device_.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one tile size throughout: let cuDNN pick its fastest kernels
 
-    # ---- model, optimiser, schedule ------------------------------------------------------
+    # ---- what a resumed run keeps: its precision and its tile (measured in that precision) ---
     saved_config = run_dir / "train_config.json"
     saved = read_run_config(saved_config) if resume and saved_config.is_file() else {}
-    from biounet.prediction._device import resolve_precision
-
-    if config.precision == "auto":  # a resumed run keeps the precision it started with
+    if config.precision == "auto":
         precision = saved.get("precision")
         config = dataclasses.replace(config, precision=precision if precision in ("float32", "bfloat16")
                                      else resolve_precision(device_))  # fmt: skip
-    if config.tile == "auto":  # a resumed run keeps the tile it started with (measured in its precision)
+    if config.tile == "auto":
         tile = saved.get("tile")
         tile = tile if isinstance(tile, int) else auto_tile(config, samples, device_, in_channels)
         config = dataclasses.replace(config, tile=from_rank0(tile, world))
         log.info("training tile: %d px, the largest valid tile that the data and memory allow", config.tile)
+
+    # ---- model, optimiser, schedule ----------------------------------------------------------
     class_names = ("background", "cell") if config.target == "binary" else ("background", "interior", "border")
     info = ModelInfo(normalization=config.normalization, class_names=class_names,
                      postprocess=config.postprocess, color=config.color,
@@ -154,7 +227,6 @@ def train_steps(
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device_.index] if device_.type == "cuda" else None)
-    forward = torch.compile(net) if config.compile else net
 
     # ---- data: labels and weights the size of the input, so they can be warped with the image --
     # a time budget fixes the number of steps later; the draws depend on the item index only
@@ -164,145 +236,127 @@ def train_steps(
         normalization=config.normalization,
         weight_fn=lambda labels: weight_map(labels, w0=config.w0, sigma=config.sigma),
     )  # fmt: skip
-    aug_config = dataclasses.replace(
-        AugmentConfig.paper(), elastic_std=config.elastic_std, elastic_grid=(config.elastic_grid,) * 2
-    )
-    # augmentation draws on the training device (no per-step host-to-device copies of noise and grids)
-    generator = torch.Generator(device=device_).manual_seed(config.seed * 1000 + rank)
-
-    # ---- resume ----------------------------------------------------------------------------
-    start, best, best_step = 0, -math.inf, 0
-    checkpoint_path = run_dir / CHECKPOINT
-    if resume and checkpoint_path.is_file():
+    crop = (tile_in - tile_out) // 2
+    run = _Run(
+        config=config, run_dir=run_dir, device=device_, rank=rank, world=world, model=model,
+        forward=torch.compile(net) if config.compile else net, optimizer=optimizer, scheduler=scheduler, tiles=tiles,
+        augment=dataclasses.replace(AugmentConfig.paper(), elastic_std=config.elastic_std,
+                                    elastic_grid=(config.elastic_grid,) * 2),
+        # augmentation draws on the training device (no per-step host-to-device copies of noise and grids)
+        generator=torch.Generator(device=device_).manual_seed(config.seed * 1000 + rank),
+        inner=slice(crop, crop + tile_out), val_samples=val_samples, csv_log=None, events=None,
+    )  # fmt: skip
+    if resume and run.checkpoint_path.is_file():
         if config.minutes is not None and isinstance(saved.get("steps"), int):
-            config = dataclasses.replace(config, steps=saved["steps"])  # a budgeted run keeps its planned steps
-        check_resumable(saved_config, saved, config)
-        try:
-            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            restore_rng_states(state, generator, rank, world, device_)
-            start, best, best_step = int(state["step"]), float(state["best"]), int(state.get("best_step", 0))
-            if state.get("best_by", "iou") != config.best_by:  # checkpoints before best_by kept the IoU
-                log.info("resuming with best_by=%s: the best model is chosen afresh", config.best_by)
-                best, best_step = -math.inf, 0
-        except Exception as exc:  # truncated, foreign or hostile files: torch, pickle and key errors alike
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ValueError(f"{checkpoint_path}: not a checkpoint of this run ({type(exc).__name__}: {first}); the "
-                             "run folder is unchanged") from exc  # fmt: skip
-        log.info("resuming %s at step %d", run_dir, start)
+            run.config = dataclasses.replace(config, steps=saved["steps"])  # a budgeted run keeps its planned steps
+        check_resumable(saved_config, saved, run.config)
+        run.start, run.best, run.best_step = resume_from(run.checkpoint_path, run.config.best_by, model, optimizer,
+                                                         scheduler, run.generator, rank, world, device_)  # fmt: skip
+        log.info("resuming %s at step %d", run_dir, run.start)
     elif resume and rank == 0:
         log.warning("%s: no checkpoint to resume from; starting a new run", run_dir)
-    fields = ["step", "loss", "lr", "seconds", "tiles_per_s", *(f"val_{k}" for k in VALIDATION_SCORES)]
-    csv_log = CsvLog(run_dir / "log.csv", fields, keep_until_step=start) if rank == 0 else None
-    events = EventWriter(run_dir) if rank == 0 else None
     if rank == 0:
-        write_config(saved_config, config)
-    planned = config.minutes is None or start >= BUDGET_PROBE_STEPS
+        fields = ["step", "loss", "lr", "seconds", "tiles_per_s", *(f"val_{k}" for k in VALIDATION_SCORES)]
+        run.csv_log = CsvLog(run_dir / "log.csv", fields, keep_until_step=run.start)
+        run.events = EventWriter(run_dir, purge_step=run.start + 1 if run.start else None)
+        write_config(saved_config, run.config)
+    return run
 
-    def validate(step: int) -> dict[str, float]:
-        """Score on the validation images; keep the best model by ``config.best_by``."""
-        nonlocal best, best_step
-        metrics = evaluate_samples(model, val_samples, device=device_, v_rand=config.best_by == "v_rand")
-        # predict() runs the model channels-last where faster; give training back its own layout
-        model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
-        if metrics[config.best_by] > best:
-            best, best_step = metrics[config.best_by], step
-            info = model.info
-            model.info = dataclasses.replace(info, provenance={
-                **info.provenance, "best": {"by": config.best_by, "value": best, "step": step}})  # fmt: skip
-            try:
-                model.save(run_dir / "best")
-            finally:
-                model.info = info  # ``last`` records no selection
-        return metrics
 
-    # ---- the loop --------------------------------------------------------------------------
-    crop = (tile_in - tile_out) // 2
-    inner = slice(crop, crop + tile_out)
-    started = time.perf_counter()
-    if not planned:  # until the probe steps have been timed, the run has no end
-        config = dataclasses.replace(config, steps=10**9)
-    warm = start + max(1, min(5, (BUDGET_PROBE_STEPS - start) // 2))  # the first steps warm the kernels up
-    probe_started, probe_from = started, start
-    for step in range(start + 1, config.steps + 1):
-        t0 = time.perf_counter()
-        model.train()
-        items = [tiles[(step - 1) * config.batch_size + i] for i in range(config.batch_size)]
-        image = torch.stack([t.image for t in items]).to(device_, non_blocking=True)
-        target = torch.stack([t.target for t in items]).to(device_, non_blocking=True)
-        weight = torch.stack([t.weight for t in items]).to(device_, non_blocking=True)
-        if config.augment:
-            image, target, weight = augment_batch(image, target, weight, config=aug_config, generator=generator)
-        target, weight = target[:, inner, inner], weight[:, inner, inner]
-        if config.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
-            logits = forward(image)
-        loss = weighted_cross_entropy(logits, target, weight)
-        if config.dice > 0:
-            loss = loss + config.dice * soft_dice_loss(logits, target, weight > 0)
-        if not torch.isfinite(loss):
-            kept = f"the last good checkpoint (step {start}) is kept in {checkpoint_path}" if start else "no checkpoint yet"
-            raise TrainingError(f"loss became {loss.item()} at step {step}; stopping: {kept}. Try a lower lr.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+def _train_step(run: _Run, step: int) -> float:
+    """One optimisation step on the tiles of ``step`` (augmented on the device); returns the loss."""
+    from biounet.data._augment import augment_batch
 
-        row: dict[str, float] = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                                 "seconds": time.perf_counter() - started,
-                                 "tiles_per_s": config.batch_size / (time.perf_counter() - t0)}  # fmt: skip
-        metrics: dict[str, float] = {}
-        if not planned and step == BUDGET_PROBE_STEPS:  # a time budget: fix the number of steps now
-            step_seconds = (time.perf_counter() - probe_started) / (step - probe_from)
-            val_seconds = 0.0
-            if val_samples and rank == 0:
-                t_val = time.perf_counter()
-                metrics = validate(step)
-                val_seconds = time.perf_counter() - t_val
-            steps = plan_steps(config.minutes * 60, time.perf_counter() - started, step, step_seconds,
-                               val_seconds if val_samples else 0.0, config.val_every)  # fmt: skip
-            config = dataclasses.replace(config, steps=from_rank0(steps, world))
-            planned = True
-            model.info = dataclasses.replace(model.info, provenance={
-                **model.info.provenance, "recipe": dataclasses.asdict(config)})  # fmt: skip
-            log.info("time budget %.3g min: %d steps (%.3f s per step, %.2f s per validation)",
-                     config.minutes, config.steps, step_seconds, val_seconds)  # fmt: skip
-            if rank == 0:
-                write_config(saved_config, config)
-        elif val_samples and (step % config.val_every == 0 or step == config.steps) and rank == 0:
-            metrics = validate(step)
-        row.update({f"val_{k}": v for k, v in metrics.items()})
-        if rank == 0:
-            csv_log.write(row)
-            events.scalars(step, {k: v for k, v in row.items() if k != "step"})
-        if step == warm:
-            probe_started, probe_from = time.perf_counter(), step
-        if planned and (step % config.checkpoint_every == 0 or step == config.steps):  # none before the plan
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise TrainingError(f"weights became non-finite at step {step}; stopping: the last good "
-                                    f"checkpoint (step {start}) is kept in {checkpoint_path}. Try a lower lr.")  # fmt: skip
-            rng_states = gather_rng_states(generator, device_, world)
-            if rank == 0:
-                model.save(run_dir / "last")
-                save_checkpoint(checkpoint_path, model, optimizer, scheduler, rng_states, step, best, best_step,
-                                 config.best_by)  # fmt: skip
-            start = step
-        yield Status(step, row["loss"], row["lr"], row["seconds"], metrics, config.steps if planned else 0)
-        if step >= config.steps:
-            break
+    config = run.config
+    run.model.train()
+    items = [run.tiles[(step - 1) * config.batch_size + i] for i in range(config.batch_size)]
+    image, target, weight = (torch.stack([getattr(t, name) for t in items]).to(run.device, non_blocking=True)
+                             for name in ("image", "target", "weight"))  # fmt: skip
+    if config.augment:
+        image, target, weight = augment_batch(image, target, weight, config=run.augment, generator=run.generator)
+    target, weight = target[:, run.inner, run.inner], weight[:, run.inner, run.inner]
+    if config.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
+        logits = run.forward(image)
+    loss = weighted_cross_entropy(logits, target, weight)
+    if config.dice > 0:
+        loss = loss + config.dice * soft_dice_loss(logits, target, weight > 0)
+    if not torch.isfinite(loss):
+        kept = (f"the last good checkpoint (step {run.start}) is kept in {run.checkpoint_path}" if run.start
+                else "no checkpoint yet")  # fmt: skip
+        raise TrainingError(f"loss became {loss.item()} at step {step}; stopping: {kept}. Try a lower lr.")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss.item()
 
-    if rank == 0:
-        if not val_samples or not (run_dir / "best").is_dir():  # no validation, or no finite score: best is last
-            model.save(run_dir / "best")
-        plot_curves(CsvLog.read(run_dir / "log.csv"), run_dir / "curves.png", title=str(run_dir.name))
-        summary = CsvLog.read(run_dir / "log.csv")[-1]
-        log.info("done: %s steps, loss %s, best validation %s %s (step %d), run folder %s", summary["step"],
-                 summary["loss"], config.best_by, f"{best:.4f}" if val_samples else "-", best_step, run_dir)  # fmt: skip
-    if world > 1:
-        check_replicas_agree(model, run_dir, rank, world)
+
+def _validate(run: _Run, step: int) -> dict[str, float]:
+    """Score on the validation images; keep the best model by ``config.best_by``."""
+    config, model = run.config, run.model
+    metrics = evaluate_samples(model, run.val_samples, device=run.device, v_rand=config.best_by == "v_rand")
+    if metrics[config.best_by] > run.best:
+        run.best, run.best_step = metrics[config.best_by], step
+        info = model.info
+        model.info = dataclasses.replace(info, provenance={
+            **info.provenance, "best": {"by": config.best_by, "value": run.best, "step": step}})  # fmt: skip
+        try:
+            model.save(run.run_dir / "best")
+        finally:
+            model.info = info  # ``last`` records no selection
+    return metrics
+
+
+def _fix_budget(run: _Run, step: int, started: float, step_seconds: float) -> dict[str, float]:
+    """Fix the number of steps of a time budget from the timed steps and one timed validation."""
+    metrics, val_seconds = {}, 0.0
+    if run.val_samples and run.rank == 0:
+        t_val = time.perf_counter()
+        metrics = _validate(run, step)
+        val_seconds = time.perf_counter() - t_val
+    config = run.config
+    steps = plan_steps(config.minutes * 60, time.perf_counter() - started, step, step_seconds,
+                       val_seconds if run.val_samples else 0.0, config.val_every)  # fmt: skip
+    run.config = config = dataclasses.replace(config, steps=from_rank0(steps, run.world))
+    run.model.info = dataclasses.replace(run.model.info, provenance={
+        **run.model.info.provenance, "recipe": dataclasses.asdict(config)})  # fmt: skip
+    log.info("time budget %.3g min: %d steps (%.3f s per step, %.2f s per validation)",
+             config.minutes, config.steps, step_seconds, val_seconds)  # fmt: skip
+    if run.rank == 0:
+        write_config(run.run_dir / "train_config.json", config)
+    return metrics
+
+
+def _save(run: _Run, step: int) -> None:
+    """The ``last`` model and the checkpoint at ``step``; never from non-finite weights."""
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        raise TrainingError(f"weights became non-finite at step {step}; stopping: the last good "
+                            f"checkpoint (step {run.start}) is kept in {run.checkpoint_path}. Try a lower lr.")  # fmt: skip
+    rng_states = gather_rng_states(run.generator, run.device, run.world)
+    if run.rank == 0:
+        run.model.save(run.run_dir / "last")
+        save_checkpoint(run.checkpoint_path, run.model, run.optimizer, run.scheduler, rng_states, step, run.best,
+                        run.best_step, run.config.best_by)  # fmt: skip
+    run.start = step
+
+
+def _finish(run: _Run) -> None:
+    """Close the logs, make sure there is a ``best`` model, plot the curves, check the replicas agree."""
+    from biounet.training._logs import CsvLog, plot_curves
+
+    if run.rank == 0:
+        run.events.close()  # its last events on disk (tensorboardX writes from a thread)
+        if not run.val_samples or not (run.run_dir / "best").is_dir():  # no validation or no finite score
+            run.model.save(run.run_dir / "best")
+        rows = CsvLog.read(run.run_dir / "log.csv")
+        plot_curves(rows, run.run_dir / "curves.png", title=str(run.run_dir.name))
+        log.info("done: %s steps, loss %s, best validation %s %s (step %d), run folder %s", rows[-1]["step"],
+                 rows[-1]["loss"], run.config.best_by, f"{run.best:.4f}" if run.val_samples else "-", run.best_step,
+                 run.run_dir)  # fmt: skip
+    if run.world > 1:
+        check_replicas_agree(run.model, run.run_dir, run.rank, run.world)
 
 
 def _as_input(samples: list[Any], color: Color) -> list[Any]:
@@ -317,10 +371,10 @@ def _as_input(samples: list[Any], color: Color) -> list[Any]:
 
 def _check_data(samples: Sequence[Any], what: str) -> None:
     if not samples:
-        raise ValueError(f"{what}: no annotated images")
+        raise InputError(f"{what}: no annotated images")
     channels = {1 if s.image.ndim == 2 else s.image.shape[2] for s in samples}
     if len(channels) > 1:
-        raise ValueError(f"{what}: images differ in channel count {sorted(channels)}")
+        raise InputError(f"{what}: images differ in channel count {sorted(channels)}")
 
 
 def _names(samples: Sequence[Any]) -> list[str]:

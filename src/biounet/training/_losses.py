@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from biounet.errors import InputError
+
 
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Pixel-wise softmax cross-entropy weighted by a weight map (paper, eq. 1).
@@ -39,7 +41,7 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: t
     Ronneberger, Fischer & Brox (2015), eq. 1.
     """
     if logits.ndim < 3 or target.shape != logits.shape[:1] + logits.shape[2:] or weight.shape != target.shape:
-        raise ValueError(
+        raise InputError(
             f"weighted_cross_entropy: logits {tuple(logits.shape)} must be (N, K, *S) with target and weight (N, *S);"
             f" got target {tuple(target.shape)}, weight {tuple(weight.shape)}"
         )

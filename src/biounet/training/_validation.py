@@ -20,8 +20,10 @@ def evaluate_samples(
 ) -> dict[str, float]:
     """Validation scores of ``model`` on annotated samples (:data:`VALIDATION_SCORES`).
 
-    * ``pixel_error`` and ``iou``: misclassified pixels and foreground IoU of ``p(not background) > 0.5``,
-      pixels pooled over the samples;
+    * ``pixel_error`` and ``iou``: misclassified pixels and foreground IoU of the instances
+      that the model's own post-processing makes (``labels > 0`` against ``gt > 0``, as
+      :func:`biounet.metrics.score_instances` counts them), pixels pooled over the samples
+      (IoU 1 when no sample has foreground on either side);
     * ``f1`` and ``ap``: object F1 and AP = TP / (TP + FP + FN) at IoU 0.5 (DSB 2018) of the
       instances that the model's own post-processing makes, mean over the samples;
     * ``v_rand``: the ISBI 2012 foreground-restricted Rand score with Fiji's border
@@ -34,7 +36,7 @@ def evaluate_samples(
     the slowest part. ``device``: where to predict, by default the model's.
     """
     from biounet.metrics._isbi import isbi_scores
-    from biounet.metrics._matching import match_objects
+    from biounet.metrics._instances import score_instances
     from biounet.postprocess import foreground_probability, labels_from_probabilities
     from biounet.prediction._stitch import predict
 
@@ -45,17 +47,16 @@ def evaluate_samples(
         channel_axis = None if sample.image.ndim == 2 else -1
         prob = predict(model, sample.image, channel_axis=channel_axis, device=device, progress=False)
         foreground = foreground_probability(prob)
-        fg, truth = foreground > 0.5, sample.labels > 0
-        wrong += int(np.count_nonzero(fg != truth))
-        total += truth.size
-        inter += int(np.count_nonzero(fg & truth))
-        union += int(np.count_nonzero(fg | truth))
         labels = labels_from_probabilities(prob, **model.info.postprocess)
-        matching = match_objects(sample.labels, labels, thresholds=(0.5,))
-        f1.append(matching.f1[0])
-        ap.append(matching.average_precision[0])
-        if v_rand and truth.any():  # V_rand is undefined without foreground
+        scores = score_instances(sample.labels, labels, thresholds=(0.5,))
+        wrong += scores.foreground_union - scores.foreground_intersection
+        total += scores.pixels
+        inter += scores.foreground_intersection
+        union += scores.foreground_union
+        f1.append(scores.f1[0])
+        ap.append(scores.average_precision[0])
+        if v_rand and scores.n_true:  # V_rand is undefined without foreground
             rands.append(isbi_scores(foreground, sample.labels, warping=False).v_rand)
     rand = float(np.max(np.mean(rands, axis=0))) if rands else math.nan
-    return {"pixel_error": wrong / total, "iou": inter / max(union, 1), "f1": float(np.mean(f1)),
+    return {"pixel_error": wrong / total, "iou": inter / union if union else 1.0, "f1": float(np.mean(f1)),
             "ap": float(np.mean(ap)), "v_rand": rand}  # fmt: skip
