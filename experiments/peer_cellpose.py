@@ -22,7 +22,7 @@ are not counted; the flows of the training labels are computed once before and n
 either (biounet's weight maps are not counted in its budget).
 
 Cellpose pins NumPy below what biounet uses (through numba and OpenCV), so it runs in its
-own environment, ``.venv-cellpose`` (``make .venv-cellpose``): :func:`train_and_segment`
+own environment, ``.venv-cellpose`` (``make peers``): :func:`train_and_segment`
 writes the images as ``.npy`` files with a ``spec.json`` and runs this file there
 (``python peer_cellpose.py SPEC``), which writes ``masks/<name>.npy`` and ``peer.json``.
 
@@ -51,7 +51,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The Cellpose environment's interpreter (``make .venv-cellpose``).
+#: The Cellpose environment's interpreter (``make peers``).
 PYTHON = ROOT / ".venv-cellpose" / "bin" / "python"
 #: The Cellpose version the page's numbers come from.
 VERSION = "3.1.1.3"
@@ -79,7 +79,7 @@ def train_and_segment(
     or if ``.venv-cellpose`` is missing.
     """
     if not PYTHON.is_file():
-        raise RuntimeError(f"the Cellpose peer needs its environment {PYTHON.parent.parent}: run `make .venv-cellpose`")
+        raise RuntimeError(f"the Cellpose peer needs its environment {PYTHON.parent.parent}: run `make peers`")
     data = run_dir / "input"
     data.mkdir(parents=True, exist_ok=True)
     spec: dict[str, Any] = {"train": [], "test": [], "steps": steps, "minutes": minutes, "seed": seed,

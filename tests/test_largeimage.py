@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 
 import dask
 import dask.array as da
@@ -259,16 +258,51 @@ def test_rgb_tiff_is_chunked_by_plane_not_by_row(tmp_path):
     np.testing.assert_array_equal(lazy.array.compute(), rgb)
 
 
-def test_streamed_labels_use_the_model_threshold_and_say_what_they_skip(tmp_path, caplog):
+@pytest.mark.parametrize("save", [("probabilities", "labels"), ("labels",)])
+def test_streamed_labels_equal_in_memory_labels_with_the_models_split(tmp_path, save):
+    from biounet.data import synthetic_cells
+
+    model = load_model("nuclei")  # split "distance", min_size 12: touching nuclei cut apart, specks removed
+    image = synthetic_cells(1, (224, 200), seed=3)[0][0].astype(np.float32)
+    items = da.from_array(image[None, None], chunks=(1, 1, 64, 64))
+    predict_to_zarr(model, items, tmp_path, "x", save=save, chunk=64, progress=False)
+    labels = zarr.open_array(str(tmp_path / "x_labels.ome.zarr" / "0"))[:]
+    prob = predict(model, image, progress=False)  # equal to the streamed probabilities to float32 rounding
+    if "probabilities" in save:
+        prob = zarr.open_array(str(tmp_path / "x_probabilities.ome.zarr" / "0"))[:]
+    expected = labels_from_probabilities(prob, **model.info.postprocess)
+    assert expected.max() > 20 and labels.max() == expected.max()  # many objects, 1..N
+    assert same_partition(labels, expected)  # the same objects, numbered in another order
+    assert [p.name for p in tmp_path.iterdir()] == [f"x_{k}.ome.zarr" for k in sorted(save)]  # no scratch left
+
+
+@pytest.mark.parametrize("stack_axis", ["T", "Z"])
+def test_streamed_stack_labels_equal_in_memory_labels_plane_by_plane(tmp_path, stack_axis):
+    from biounet.data import synthetic_cells
+
+    model = load_model("nuclei")
+    planes = np.stack([synthetic_cells(1, (200, 176), seed=s)[0][0] for s in (3, 4)]).astype(np.float32)
+    predict_to_zarr(model, da.from_array(planes[:, None], chunks=(1, 1, 64, 64)), tmp_path, "x",
+                    stack_axis=stack_axis, chunk=64, progress=False)  # fmt: skip
+    labels = zarr.open_array(str(tmp_path / "x_labels.ome.zarr" / "0"))[:]
+    prob = zarr.open_array(str(tmp_path / "x_probabilities.ome.zarr" / "0"))[:]
+    for i in range(2):
+        expected = labels_from_probabilities(prob[i] if stack_axis == "T" else prob[:, i], **model.info.postprocess)
+        assert labels[i].max() == expected.max() > 15 and same_partition(labels[i], expected)
+
+
+def test_streamed_objects_larger_than_the_window_are_post_processed_whole(tmp_path, monkeypatch):
+    from biounet.prediction import _chunk_labels
+
+    monkeypatch.setattr(_chunk_labels, "OBJECT_MARGIN", 2)  # every object needs its own crop
     model = net(2)
     model.info = dataclasses.replace(model.info, postprocess={"threshold": 0.3, "split": "distance", "min_size": 5})
-    image = da.from_array(np.random.default_rng(4).random((1, 1, 60, 60)).astype(np.float32), chunks=(1, 1, 32, 32))
-    with caplog.at_level(logging.WARNING, logger="biounet.prediction"):
-        predict_to_zarr(model, image, tmp_path, "x", chunk=32, progress=False)
-    assert "post-processing {'split': 'distance', 'min_size': 5} is not applied" in caplog.text
+    image = np.random.default_rng(4).random((60, 60)).astype(np.float32)
+    predict_to_zarr(model, da.from_array(image[None, None], chunks=(1, 1, 32, 32)), tmp_path, "x", chunk=32,
+                    progress=False)  # fmt: skip
     prob = zarr.open_array(str(tmp_path / "x_probabilities.ome.zarr" / "0"))[:]
     labels = zarr.open_array(str(tmp_path / "x_labels.ome.zarr" / "0"))[:]
-    np.testing.assert_array_equal(labels > 0, prob[1] > 0.3)
+    assert same_partition(labels, labels_from_probabilities(prob, **model.info.postprocess))
 
 
 def test_streamed_failures_leave_no_output_and_tta_is_refused(tmp_path, model_dir, monkeypatch, capsys):

@@ -122,7 +122,7 @@ def test_label_scores_are_the_scores_of_the_labels_the_probabilities_give():
 
 def test_cellpose_peer_without_its_environment_says_how_to_make_it(monkeypatch, tmp_path):
     monkeypatch.setattr(peer_cellpose, "PYTHON", tmp_path / "absent" / "bin" / "python")
-    with pytest.raises(RuntimeError, match="make .venv-cellpose"):
+    with pytest.raises(RuntimeError, match="make peers"):
         peer_cellpose.train_and_segment([], [], tmp_path, steps=1, minutes=None, seed=0, threads=1)
 
 

@@ -80,7 +80,7 @@ def test_layout_computes_least_among_all_aligned_layouts(size, tile):
     """Brute force: no layout with as few tiles, aligned steps and a smaller last tile computes less."""
     cfg = UNetConfig()
     (a,) = plan_tiles(cfg, (size,), tile)
-    max_in = max(a.tile_in, a.last_in, cfg._valid_input_at_most(tile) or 0)
+    max_in = max(a.tile_in, a.last_in, cfg.valid_input_at_most(tile) or 0)
     outputs = [n - 2 * cfg.halo for n in range(1, max_in + 1) if cfg.is_valid_input_size(n)]
     best = min(
         (a.count - 1) * regular + last

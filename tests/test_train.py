@@ -391,6 +391,13 @@ def test_time_budget_fixes_and_records_the_steps_and_resume_keeps_them(tmp_path,
     assert saved["steps"] == planned == statuses[-1].step == len(statuses) and saved["minutes"] == 5.0
     assert training.BUDGET_PROBE_STEPS + 10 < planned < 1000
     assert all(s.steps == planned for s in statuses[training.BUDGET_PROBE_STEPS - 1 :])
+    # the cosine schedule runs over the planned steps: it ends at 0, and had not decayed during the probe
+    from biounet.training import lr_factor
+
+    assert statuses[-1].lr == pytest.approx(0.0, abs=1e-12)
+    expected = config.lr * lr_factor(planned // 2, dataclasses.replace(config, steps=planned))
+    assert statuses[planned // 2 - 1].lr == pytest.approx(expected, rel=1e-6)
+    assert statuses[training.BUDGET_PROBE_STEPS - 2].lr == pytest.approx(config.lr, rel=1e-3)
     # the same run stopped after a checkpoint past the probe, resumed on a machine 50x faster,
     # keeps its planned steps and ends with the same weights
     fake_clock(0.5)

@@ -418,7 +418,7 @@ def _setup_logging(level: int) -> None:
 
 
 #: The flag of each library argument that an error can be about (``BiounetError.option``).
-FLAGS = {"resume": "--resume", "tta": "--tta", "scheduler": "--scheduler", "set": "--set"}
+FLAGS = {"resume": "--resume", "tta": "--tta", "scheduler": "--scheduler", "set": "--set", "overwrite": "--overwrite"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -125,7 +125,7 @@ class UNetConfig:
     def check_input_size(self, input_size: int) -> None:
         """Raise a :class:`ValueError` naming the nearest valid sizes if ``input_size`` is invalid."""
         if not self.is_valid_input_size(input_size):
-            lower = self._valid_input_at_most(input_size)
+            lower = self.valid_input_at_most(input_size)
             upper = self.valid_input_size(input_size)
             nearest = f"{lower} or {upper}" if lower else f"{upper}"
             raise InputError(
@@ -160,7 +160,7 @@ class UNetConfig:
             size += 1
         return size
 
-    def _valid_input_at_most(self, at_most: int) -> int | None:
+    def valid_input_at_most(self, at_most: int) -> int | None:
         size = int(at_most)
         while size >= 1 and not self.is_valid_input_size(size):
             size -= 1

@@ -233,8 +233,6 @@ def labels_from_probabilities(prob: np.ndarray, **postprocess: Any) -> np.ndarra
     ``1 - prob[0]`` and its interior ``prob[1]`` as seeds. Other class counts give the
     arg-max class map.
     """
-    from biounet.postprocess import foreground_probability, probabilities_to_labels
-
     if postprocess.get("split") == "border":
         if prob.shape[0] != 3:
             raise InputError(f'split="border" needs the 3 classes of a border model, got {prob.shape[0]}')

@@ -152,3 +152,153 @@ def label_chunked(foreground: da.Array, target: zarr.Array, *, spatial_dims: int
         )
     job = LabelJob(foreground, target, spatial_dims)
     job.finish(dask.compute(*job.work))
+
+
+# ============================================================================================
+# The model's post-processing, object by object, on chunked results
+# ============================================================================================
+#: Pixels of context around each chunk in which its objects are post-processed at once.
+OBJECT_MARGIN = 64
+#: Pixels around a component's box that its post-processing reads: its surrounding background
+#: (within 1 px of the box, face connectivity) and one more for safety.
+CONTEXT = 2
+
+
+def postprocess_chunked(
+    prob: zarr.Array, components: zarr.Array, target: zarr.Array, *, class_axis: int, spatial_dims: int,
+    postprocess: dict[str, Any],
+) -> None:  # fmt: skip
+    """Apply a model's post-processing to chunked probabilities exactly as in memory, object by object.
+
+    ``components`` holds the face-connected components of ``p > threshold`` (one label per
+    object across chunks, :func:`label_chunked`); ``target`` (their shape and chunks)
+    receives the instances that :func:`biounet.postprocess.labels_from_probabilities` makes
+    of the whole image, up to numbering (1..N per item). Splitting and size filtering act
+    within one component, so each component is post-processed on a window holding it with
+    a margin of its own extent: the window of the chunk plus :data:`OBJECT_MARGIN` px where it
+    fits, else a crop of its box plus :data:`CONTEXT` px (which, for one component as large
+    as the image, is the image: memory is one window per worker otherwise). Every chunk
+    writes only its own pixels, so chunks run in parallel. Two passes: the objects of each
+    component are counted (in the chunk where the component starts), then numbered and
+    written. Where components touch only at a corner the watershed's seeds could see each
+    other in memory and not here; the tests find no difference on touching nuclei.
+    """
+    lead = target.ndim - spatial_dims
+    boxes = _component_boxes(components, lead, spatial_dims)
+    grid = _grid(target)
+    chunks = [_chunk_slices(target, index) for index in np.ndindex(*grid)]
+    starts: dict[tuple, list[tuple]] = {}  # the chunk where each component starts counts its objects
+    for key, (lo, _) in boxes.items():
+        where = (*key[:-1], *(int(v) // c for v, c in zip(lo, target.chunks[lead:], strict=True)))
+        starts.setdefault(tuple(k // c for k, c in zip(where[:lead], target.chunks[:lead], strict=True))
+                          + where[lead:], []).append(key)  # fmt: skip
+    shared = dask.delayed(boxes, pure=False, traverse=False)  # one copy for all tasks, also on a cluster
+    counts = dask.compute(*[dask.delayed(_count_objects)(prob, components, core, shared, class_axis, lead, postprocess,
+                                                         starts.get(index, []))
+                            for core, index in zip(chunks, np.ndindex(*grid), strict=True)])  # fmt: skip
+    found = {key: n for chunk in counts for key, n in chunk.items()}  # each component counted where it starts
+    offsets: dict[tuple, int] = {}
+    totals: dict[tuple, int] = {}
+    for key in sorted(found):  # numbered 1..N per item, in the order of the components
+        offsets[key] = totals.get(key[:-1], 0)
+        totals[key[:-1]] = offsets[key] + found[key]
+    dask.compute(*[dask.delayed(_write_objects)(prob, components, target, core, shared, offsets, class_axis, lead,
+                                                postprocess) for core in chunks])  # fmt: skip
+
+
+def _grid(array: zarr.Array) -> tuple[int, ...]:
+    return tuple(-(-size // chunk) for size, chunk in zip(array.shape, array.chunks, strict=True))
+
+
+def _chunk_slices(array: zarr.Array, index: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(k * c, min((k + 1) * c, s)) for k, c, s in zip(index, array.chunks, array.shape, strict=True))
+
+
+def _component_boxes(components: zarr.Array, lead: int, spatial_dims: int) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """(item index, label) -> (first, last + 1) spatial corner of each component, from its chunks."""
+    def block_boxes(core: tuple[slice, ...]) -> list[tuple[tuple, np.ndarray, np.ndarray]]:
+        block = np.asarray(components[core])
+        origin = np.array([s.start for s in core[lead:]])
+        out = []
+        for item in np.ndindex(*block.shape[:lead]):
+            values, local = np.unique(block[item], return_inverse=True)
+            shift = 0 if values[0] == 0 else 1  # find_objects skips label 0: keep 0 for the background only
+            labelled = local.reshape(block.shape[lead:]) + shift
+            at = tuple(s.start + i for s, i in zip(core[:lead], item, strict=True))
+            for k, box in enumerate(ndimage.find_objects(labelled), start=1):
+                if box is not None:
+                    out.append(((*at, int(values[k - shift])), origin + [b.start for b in box],
+                                origin + [b.stop for b in box]))  # fmt: skip
+        return out
+
+    found = dask.compute(*[dask.delayed(block_boxes)(_chunk_slices(components, i)) for i in np.ndindex(*_grid(components))])
+    boxes: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    for key, lo, hi in (row for rows in found for row in rows):
+        old = boxes.get(key)
+        boxes[key] = (lo, hi) if old is None else (np.minimum(old[0], lo), np.maximum(old[1], hi))
+    return boxes
+
+
+def _objects_in(prob, components, core, boxes, class_axis, lead, postprocess, keys=None):
+    """(item, label) -> the component's post-processed labels at its pixels in raster order, and those pixels."""
+    from biounet.postprocess import labels_from_probabilities
+
+    spatial = core[lead:]
+    shape = components.shape[lead:]
+    window = tuple(slice(max(0, s.start - OBJECT_MARGIN), min(n, s.stop + OBJECT_MARGIN)) for s, n in zip(spatial, shape, strict=True))
+    results = {}
+    for item in np.ndindex(*[s.stop - s.start for s in core[:lead]]):
+        at = tuple(s.start + i for s, i in zip(core[:lead], item, strict=True))
+        here = np.asarray(components[(*at, *spatial)])
+        wanted = [int(v) for v in np.unique(here) if v] if keys is None else [k[-1] for k in keys if k[:-1] == at]
+        cached = None
+        for value in wanted:
+            lo, hi = boxes[(*at, value)]
+            reach = CONTEXT  # the background around a face-connected component lies within its box + 1
+            inside = all(lo[d] - reach >= max(0, w.start) or w.start == 0 for d, w in enumerate(window)) and all(
+                hi[d] + reach <= w.stop or w.stop == shape[d] for d, w in enumerate(window))  # fmt: skip
+            if inside:
+                if cached is None:
+                    cached = (window, _labels_of(prob, components, at, window, class_axis, postprocess,
+                                                 labels_from_probabilities))  # fmt: skip
+                region, (labels, comps) = cached
+            else:
+                region = tuple(slice(max(0, int(lo[d]) - reach), min(shape[d], int(hi[d]) + reach)) for d in range(len(shape)))
+                labels, comps = _labels_of(prob, components, at, region, class_axis, postprocess, labels_from_probabilities)
+            mask = comps == value
+            pixels = tuple(idx + r.start for idx, r in zip(np.nonzero(mask), region, strict=True))
+            results[(*at, value)] = (labels[mask], pixels)
+    return results
+
+
+def _labels_of(prob, components, at, region, class_axis, postprocess, labels_from_probabilities):
+    index = [*at, *region]
+    index.insert(class_axis, slice(None))
+    probabilities = np.asarray(prob[tuple(index)], dtype=np.float32)
+    return labels_from_probabilities(probabilities, **postprocess), np.asarray(components[(*at, *region)])
+
+
+def _ranked(sub: np.ndarray) -> tuple[np.ndarray, int]:
+    """Sub-labels renumbered 1..n in the order they first appear (raster order); 0 stays 0."""
+    values, first, inverse = np.unique(sub, return_index=True, return_inverse=True)
+    keep = np.flatnonzero(values != 0)
+    rank = np.zeros(len(values), np.uint32)
+    rank[keep[np.argsort(first[keep])]] = np.arange(1, len(keep) + 1, dtype=np.uint32)
+    return rank[inverse.reshape(-1)], len(keep)
+
+
+def _count_objects(prob, components, core, boxes, class_axis, lead, postprocess, starts):
+    found = _objects_in(prob, components, core, boxes, class_axis, lead, postprocess, keys=starts)
+    return {key: _ranked(sub)[1] for key, (sub, _) in found.items()}
+
+
+def _write_objects(prob, components, target, core, boxes, offsets, class_axis, lead, postprocess):
+    out = np.zeros([s.stop - s.start for s in core], dtype=target.dtype)
+    for key, (sub, pixels) in _objects_in(prob, components, core, boxes, class_axis, lead, postprocess).items():
+        ranked, _ = _ranked(sub)
+        inside = np.all([(p >= s.start) & (p < s.stop) for p, s in zip(pixels, core[lead:], strict=True)], axis=0)
+        at = tuple(k - s.start for k, s in zip(key[:-1], core[:lead], strict=True))
+        local = tuple(p[inside] - s.start for p, s in zip(pixels, core[lead:], strict=True))
+        values = np.where(ranked[inside] > 0, ranked[inside] + offsets[key], 0)
+        out[(*at, *local)] = values
+    target[core] = out

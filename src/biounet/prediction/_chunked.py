@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from biounet.io._files import atomic_folder
 from biounet.io._lazy import intensity_percentiles
 from biounet.io._ngff import ngff_array, store_blocks
 from biounet.model import UNet, UNetConfig
-from biounet.prediction._chunk_labels import LabelJob
+from biounet.prediction._chunk_labels import LabelJob, postprocess_chunked
 from biounet.prediction._input import check_intensity_range, model_items
 from biounet.prediction._options import PredictOptions
 from biounet.prediction._stitch import predict
@@ -240,7 +241,9 @@ def predict_to_zarr(
 
     Writes ``<stem>_probabilities.ome.zarr`` (float32, classes on the channel axis) and
     ``<stem>_labels.ome.zarr`` (uint32 instance labels, one per object across chunks, for
-    2-class models; the arg-max class for more classes), each a single-scale OME-Zarr
+    2-class and border models: the labels the model's post-processing makes in memory, its
+    split and minimum size included, up to numbering (:func:`postprocess_chunked`); the
+    arg-max class for more classes), each a single-scale OME-Zarr
     image (NGFF 0.4 on Zarr v2, or NGFF 0.5 on Zarr v3) chunked like the prediction.
     Each output is written to a temporary folder and renamed into place when complete.
     Runs on the active ``dask.distributed`` client if there is one, else on local threads.
@@ -293,12 +296,13 @@ def predict_to_zarr(
         prob_axes, label_axes = [("c", "channel"), ("z", "space"), *space], [("z", "space"), *space]
     class_axis = prob_axes.index(("c", "channel"))
     postprocess = model.info.postprocess
-    if config.num_classes == 2 or postprocess.get("split") == "border":
-        skipped = {k: v for k, v in postprocess.items() if k != "threshold" and v not in (None, 0, "none")}
-        if skipped:  # splitting and size filtering need whole objects, which chunks do not have
-            log.warning("%s: streamed labels are the connected components of p > threshold; the model's "
-                        "post-processing %s is not applied to them (it is to in-memory predictions)",
-                        stem, skipped)  # fmt: skip
+    instances = config.num_classes == 2 or postprocess.get("split") == "border"
+    # splitting and size filtering act on whole objects: done object by object after the components
+    per_object = instances and (postprocess.get("split", "none") != "none" or postprocess.get("min_size", 0) > 0)
+    if instances and postprocess.get("connectivity", 1) != 1:
+        log.warning("%s: streamed objects are face-connected components; the model's connectivity %s is not used",
+                    stem, postprocess["connectivity"])  # fmt: skip
+    if instances:
         index = (slice(None),) * class_axis
         foreground = prob[index + (1,)] if config.num_classes == 2 else 1 - prob[index + (0,)]  # interior + border
         labels = foreground > postprocess.get("threshold", FOREGROUND_THRESHOLD)
@@ -316,10 +320,20 @@ def predict_to_zarr(
             folder = stack.enter_context(atomic_folder(path))
             return ngff_array(folder, f"{stem}_{suffix}", like, dtype, axes, scale or {}, zarr_format)
 
+        prob_store = components = None
         if "probabilities" in save:
-            work.append(store_blocks(prob, target("probabilities", prob, np.float32, prob_axes)))
-        if "labels" in save and config.num_classes == 2:
-            label_job = LabelJob(labels, target("labels", labels, np.uint32, label_axes), config.dims)
+            prob_store = target("probabilities", prob, np.float32, prob_axes)
+        elif "labels" in save and per_object:  # the post-processing reads them back
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=output, prefix=f".{stem}_")))
+            prob_store = ngff_array(scratch / "p", "p", prob, np.float32, prob_axes, {}, zarr_format)
+        if prob_store is not None:
+            work.append(store_blocks(prob, prob_store))
+        if "labels" in save and instances:
+            labels_store = target("labels", labels, np.uint32, label_axes)
+            if per_object:
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=output, prefix=f".{stem}_")))
+                components = ngff_array(scratch / "c", "c", labels, np.uint32, label_axes, {}, zarr_format)
+            label_job = LabelJob(labels, labels_store if components is None else components, config.dims)
             work += label_job.work
         elif "labels" in save:
             work.append(store_blocks(labels, target("labels", labels, np.uint16, label_axes)))
@@ -330,4 +344,7 @@ def predict_to_zarr(
                 results = dask.compute(*work)
         if label_job is not None:
             label_job.finish(results[-len(label_job.work) :])
+        if components is not None:
+            postprocess_chunked(prob_store, components, labels_store, class_axis=class_axis, spatial_dims=config.dims,
+                                postprocess=postprocess)  # fmt: skip
     return written

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -15,7 +14,6 @@ import torch
 from biounet.errors import InputError
 from biounet.model import UNet
 
-log = logging.getLogger(__name__)
 
 
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
@@ -82,17 +80,21 @@ def model_forward(model: UNet, device: torch.device, precision: Precision, compi
     through pinned memory on CUDA. The caller's model keeps its mode, memory layout and
     device. The copy is kept for the model's lifetime and made afresh when its weights
     change (a new tensor or an in-place update, as an optimiser step makes), so repeated
-    predictions with the same weights reuse it and its compiled code. With
+    predictions with the same weights reuse it and its compiled code. Writes through
+    ``tensor.data`` bypass the version counter and are not seen: change weights in place
+    under ``torch.no_grad()`` (or load a state dict) instead. With
     ``"reduce-overhead"`` on CUDA each output lives in a CUDA graph's memory until the next
     replay; take what you need from it (the stitcher's softmax is a new tensor) at once.
     """
     memory_format = fast_memory_format(device, model.config.dims)
-    # data_ptr and the in-place version counter of every tensor: which weights these are
-    weights = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    try:  # data_ptr and the in-place version counter of every tensor: which weights these are
+        weights: tuple | None = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    except RuntimeError:  # tensors made under torch.inference_mode() count no versions: never reuse a copy
+        weights = None
     key = (str(device), memory_format, compile, weights)
     with _PREPARED_LOCK:
         prepared = _PREPARED.get(model)
-        if prepared is None or prepared[0] != key:
+        if prepared is None or prepared[0] != key or weights is None:
             net = copy.deepcopy(model).to(device).eval().requires_grad_(False)
             if memory_format is not None:
                 net = net.to(memory_format=memory_format)

@@ -245,8 +245,8 @@ def plan_outputs(
             owner[resolved] = path
             if target.exists() and not overwrite:
                 raise InputError(f"{target} exists already (ground truth, or an earlier result?) and {path} would "
-                                 "overwrite it; choose another output folder, or pass --overwrite "
-                                 "(overwrite=True) to replace it")  # fmt: skip
+                                 "overwrite it; choose another output folder, or replace it with overwrite=True",
+                                 option="overwrite")  # fmt: skip
     return planned
 
 

@@ -76,7 +76,7 @@ def plan_axis(size: int, config: UNetConfig, max_tile: int) -> AxisTiling:
     halo, unit = config.halo, config.stride
     # the smallest useful tile: it keeps the whole axis, or at least one step of 2**depth
     smallest = config.valid_input_size(min(size, unit) + 2 * halo)
-    max_in = max(config._valid_input_at_most(max_tile) or smallest, smallest)
+    max_in = max(config.valid_input_at_most(max_tile) or smallest, smallest)
     max_out = max_in - 2 * halo
     max_step = max((max_out // unit) * unit, unit)
     count = 1 if size <= max_out else 1 + math.ceil((size - max_out) / max_step)

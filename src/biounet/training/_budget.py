@@ -38,7 +38,7 @@ def auto_tile(config: TrainConfig, samples: Sequence[Any], device: str | torch.d
     """
     config_net = config.net_config(in_channels)
     side = max(max(s.image.shape[:2]) for s in samples)
-    cap = min(config_net.input_size_for(side), config_net._valid_input_at_most(AUTO_TILE_MAX) or AUTO_TILE_MAX)
+    cap = min(config_net.input_size_for(side), config_net.valid_input_at_most(AUTO_TILE_MAX) or AUTO_TILE_MAX)
     device = torch.device(device)
     if device.type != "cuda":
         return cap
@@ -56,7 +56,7 @@ def largest_tile_within(config: UNetConfig, cap: int, probe: int, probe_bytes: f
     """
     size = cap
     while probe_bytes * (size / probe) ** 2 > budget:
-        smaller = config._valid_input_at_most(size - 1)
+        smaller = config.valid_input_at_most(size - 1)
         if smaller is None:
             break
         size = smaller

@@ -108,7 +108,10 @@ def train_steps(
     timed steps the number of steps is fixed (:func:`plan_steps`); validation every
     ``val_every`` steps keeps the best model; a row of the log; a checkpoint every
     ``checkpoint_every`` steps (none before the budget is fixed, so a resumed run is exact).
-    The run is built by :func:`_start_run`.
+    The run is built by :func:`_start_run`. Tiles are fetched in this process, not by
+    DataLoader workers: the fetch is 1 ms of a 138 ms CPU step and a worker's hand-over costs
+    3 ms (``benchmarks/dataloader.py``, ``docs/benchmarks.md``); the augmentation, the larger
+    part, runs on the training device.
     """
     run = _start_run(samples, Path(run_dir), config, val_samples, device, resume)
     started = time.perf_counter()
@@ -117,29 +120,33 @@ def train_steps(
         run.config = dataclasses.replace(run.config, steps=10**9)
     warm = run.start + max(1, min(5, (BUDGET_PROBE_STEPS - run.start) // 2))  # the first steps warm the kernels up
     probe_started, probe_from = started, run.start
-    for step in range(run.start + 1, run.config.steps + 1):
-        t0 = time.perf_counter()
-        loss = _train_step(run, step)
-        row: dict[str, float] = {"step": step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
-                                 "seconds": time.perf_counter() - started,
-                                 "tiles_per_s": run.config.batch_size / (time.perf_counter() - t0)}  # fmt: skip
-        metrics: dict[str, float] = {}
-        if not planned and step == BUDGET_PROBE_STEPS:  # a time budget: fix the number of steps now
-            metrics = _fix_budget(run, step, started, (time.perf_counter() - probe_started) / (step - probe_from))
-            planned = True
-        elif run.val_samples and (step % run.config.val_every == 0 or step == run.config.steps) and run.rank == 0:
-            metrics = _validate(run, step)
-        row.update({f"val_{k}": v for k, v in metrics.items()})
-        if run.rank == 0:
-            run.csv_log.write(row)
-            run.events.scalars(step, {k: v for k, v in row.items() if k != "step"})
-        if step == warm:
-            probe_started, probe_from = time.perf_counter(), step
-        if planned and (step % run.config.checkpoint_every == 0 or step == run.config.steps):
-            _save(run, step)
-        yield Status(step, row["loss"], row["lr"], row["seconds"], metrics, run.config.steps if planned else 0)
-        if step >= run.config.steps:
-            break
+    try:
+        for step in range(run.start + 1, run.config.steps + 1):
+            t0 = time.perf_counter()
+            loss = _train_step(run, step)
+            row: dict[str, float] = {"step": step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+                                     "seconds": time.perf_counter() - started,
+                                     "tiles_per_s": run.config.batch_size / (time.perf_counter() - t0)}  # fmt: skip
+            metrics: dict[str, float] = {}
+            if not planned and step == BUDGET_PROBE_STEPS:  # a time budget: fix the number of steps now
+                metrics = _fix_budget(run, step, started, (time.perf_counter() - probe_started) / (step - probe_from))
+                planned = True
+            elif run.val_samples and (step % run.config.val_every == 0 or step == run.config.steps) and run.rank == 0:
+                metrics = _validate(run, step)
+            row.update({f"val_{k}": v for k, v in metrics.items()})
+            if run.rank == 0:
+                run.csv_log.write(row)
+                run.events.scalars(step, {k: v for k, v in row.items() if k != "step"})
+            if step == warm:
+                probe_started, probe_from = time.perf_counter(), step
+            if planned and (step % run.config.checkpoint_every == 0 or step == run.config.steps):
+                _save(run, step)
+            yield Status(step, row["loss"], row["lr"], row["seconds"], metrics, run.config.steps if planned else 0)
+            if step >= run.config.steps:
+                break
+    finally:
+        if run.events is not None:
+            run.events.close()  # also when a step fails or the caller stops early: its events on disk
     _finish(run)
 
 
@@ -155,7 +162,7 @@ class _Run:
     model: UNet
     forward: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None
     tiles: Any
     augment: Any
     generator: torch.Generator
@@ -223,7 +230,6 @@ def _start_run(
     tile_in = model.config.valid_input_size(config.tile)
     tile_out = model.output_size(tile_in)
     optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device_.index] if device_.type == "cuda" else None)
@@ -239,19 +245,21 @@ def _start_run(
     crop = (tile_in - tile_out) // 2
     run = _Run(
         config=config, run_dir=run_dir, device=device_, rank=rank, world=world, model=model,
-        forward=torch.compile(net) if config.compile else net, optimizer=optimizer, scheduler=scheduler, tiles=tiles,
+        forward=torch.compile(net) if config.compile else net, optimizer=optimizer, scheduler=None, tiles=tiles,
         augment=dataclasses.replace(AugmentConfig.paper(), elastic_std=config.elastic_std,
                                     elastic_grid=(config.elastic_grid,) * 2),
         # augmentation draws on the training device (no per-step host-to-device copies of noise and grids)
         generator=torch.Generator(device=device_).manual_seed(config.seed * 1000 + rank),
         inner=slice(crop, crop + tile_out), val_samples=val_samples, csv_log=None, events=None,
     )  # fmt: skip
+    # the schedule reads the run's config at every step: a time budget's planned steps, once fixed
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, run.config))
     if resume and run.checkpoint_path.is_file():
         if config.minutes is not None and isinstance(saved.get("steps"), int):
             run.config = dataclasses.replace(config, steps=saved["steps"])  # a budgeted run keeps its planned steps
         check_resumable(saved_config, saved, run.config)
         run.start, run.best, run.best_step = resume_from(run.checkpoint_path, run.config.best_by, model, optimizer,
-                                                         scheduler, run.generator, rank, world, device_)  # fmt: skip
+                                                         run.scheduler, run.generator, rank, world, device_)  # fmt: skip
         log.info("resuming %s at step %d", run_dir, run.start)
     elif resume and rank == 0:
         log.warning("%s: no checkpoint to resume from; starting a new run", run_dir)
@@ -347,7 +355,6 @@ def _finish(run: _Run) -> None:
     from biounet.training._logs import CsvLog, plot_curves
 
     if run.rank == 0:
-        run.events.close()  # its last events on disk (tensorboardX writes from a thread)
         if not run.val_samples or not (run.run_dir / "best").is_dir():  # no validation or no finite score
             run.model.save(run.run_dir / "best")
         rows = CsvLog.read(run.run_dir / "log.csv")
