@@ -310,7 +310,7 @@ def test_streamed_failures_leave_no_output_and_tta_is_refused(tmp_path, model_di
     argv = ["predict", str(model_dir), str(tmp_path / "a.zarr"), "-o", str(tmp_path / "o"), "--no-progress"]
     assert main([*argv, "--tta"]) == 1
     err = capsys.readouterr().err
-    assert "test-time augmentation is not available for streamed" in err  # a per-file failure, logged
+    assert "test-time augmentation (tta) is not available for streamed" in err  # a per-file failure, logged
 
     def boom(*args, **kwargs):
         raise RuntimeError("out of memory")

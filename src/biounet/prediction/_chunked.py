@@ -155,7 +155,7 @@ def _predict_items(
     """(items, classes, *spatial) probabilities of (items, channels, *spatial) pixels, lazily."""
     config = model.config
     if options.tta:
-        raise InputError("test-time augmentation is not available for chunked prediction", option="tta")
+        raise InputError("test-time augmentation (tta) is not available for chunked prediction", option="tta")
     options = options.replace(progress=False)  # chunks in parallel threads: no bar per chunk
     chunk = chunk or (DEFAULT_CHUNK_2D if config.dims == 2 else DEFAULT_CHUNK_3D)
     plans = [plan_chunks(config, size, chunk) for size in items.shape[2:]]

@@ -305,7 +305,7 @@ def _predict_streamed(
     except ImportError as exc:
         raise InputError(f"{path}: streaming needs dask and zarr: pip install 'biounet[large]'") from exc
     if options.tta:
-        raise InputError(f"{path}: test-time augmentation is not available for streamed (chunked) prediction",
+        raise InputError(f"{path}: test-time augmentation (tta) is not available for streamed (chunked) prediction",
                          option="tta")
     source = open_image(path)
     items, stack_shape, stack_axes = model_items_of(source.array, source.axes, model, channel_axis)
