@@ -320,16 +320,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from biounet.data import load_dataset, split_samples
-    from biounet.training import TrainConfig, read_run_config, train
+    from biounet.training import TrainConfig, run_config, train
 
     run_dir = Path(args.output)
-    saved = run_dir / "train_config.json"
-    if args.resume and saved.is_file():
-        recorded = read_run_config(saved)
-        try:
-            config = TrainConfig.from_dict(recorded)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{saved}: {exc}") from exc
+    config = run_config(run_dir) if args.resume else None
+    if config is not None:
         if config.minutes is not None and args.steps is not None:
             raise ValueError(f"{run_dir}: this run has a time budget of {config.minutes:g} min and keeps the "
                              f"{config.steps} steps planned for it; --steps cannot change them")  # fmt: skip

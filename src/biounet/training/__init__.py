@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "CHECKPOINT": "_checkpoint",
     "RESUMABLE_CHANGES": "_checkpoint",
     "read_run_config": "_checkpoint",
+    "run_config": "_checkpoint",
     "BestBy": "_config",
     "Color": "_config",
     "Optimizer": "_config",
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         CHECKPOINT,
         RESUMABLE_CHANGES,
         read_run_config,
+        run_config,
     )
     from biounet.training._config import (  # noqa: F401
         BestBy,

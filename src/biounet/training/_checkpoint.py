@@ -37,6 +37,20 @@ def read_run_config(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: cannot read the run's configuration: {exc}") from exc
 
 
+def run_config(run_dir: Path) -> TrainConfig | None:
+    """The recipe a run folder was started with (its ``train_config.json``), or None if it has none.
+
+    What ``resume`` continues; a file that is not a valid recipe is one error naming it.
+    """
+    path = Path(run_dir) / "train_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return TrainConfig.from_dict(read_run_config(path))
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{path}: {exc}") from exc
+
+
 def check_resumable(path: Path, saved: Mapping[str, Any], config: TrainConfig) -> None:
     """Refuse, before anything is written, to resume a run with a recipe other than its own.
 
