@@ -122,7 +122,8 @@ def predict_files(
         Output folder, created if missing; must be writable (checked before any work).
     save : sequence of {"probabilities", "labels", "overlay"}
         ``probabilities``: float32 TIFF, classes on the axis before Y, X. ``labels``: uint16
-        TIFF of instances (2-class models) or classes. ``overlay``: PNG of the labels over
+        TIFF (uint32 past 65,535 objects) of instances (2-class and border models, by the
+        model's post-processing) or classes. ``overlay``: PNG of the labels over
         the image (2D inputs). Streamed inputs give ``<stem>_probabilities.ome.zarr`` and
         ``<stem>_labels.ome.zarr`` (see :func:`biounet.prediction.predict_to_zarr`)
         and no overlay.
