@@ -320,18 +320,18 @@ def predict_to_zarr(
             folder = stack.enter_context(atomic_folder(path))
             return ngff_array(folder, f"{stem}_{suffix}", like, dtype, axes, scale or {}, zarr_format)
 
-        prob_store = components = None
+        prob_store = components = scratch = None
+        if "labels" in save and per_object:  # the per-object post-processing's own arrays, removed with the call
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=output, prefix=f".{stem}_")))
         if "probabilities" in save:
             prob_store = target("probabilities", prob, np.float32, prob_axes)
-        elif "labels" in save and per_object:  # the post-processing reads them back
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=output, prefix=f".{stem}_")))
+        elif scratch is not None:  # the post-processing reads them back
             prob_store = ngff_array(scratch / "p", "p", prob, np.float32, prob_axes, {}, zarr_format)
         if prob_store is not None:
             work.append(store_blocks(prob, prob_store))
         if "labels" in save and instances:
             labels_store = target("labels", labels, np.uint32, label_axes)
-            if per_object:
-                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=output, prefix=f".{stem}_")))
+            if scratch is not None:
                 components = ngff_array(scratch / "c", "c", labels, np.uint32, label_axes, {}, zarr_format)
             label_job = LabelJob(labels, labels_store if components is None else components, config.dims)
             work += label_job.work
