@@ -755,7 +755,7 @@ def option_cases() -> list[Case]:
              (), check=outputs("x", (64, 64))),
         Case("opt-chunk-ok", g, "--chunk 32 streams into OME-Zarr (should segment)",
              predict("x.tif", extra=["--chunk", "32"]), with_model(image), "ok", (),
-             check=exists("out/x_probabilities.ome.zarr", "out/x_labels.ome.zarr")),
+             check=exists("out/x_probabilities.ome.zarr", "out/x_probabilities.ome.zarr/labels/cell")),
         Case("opt-out-is-file", g, "-o names an existing file", predict("x.tif", out="out.txt"),
              with_model(image, files(**{"out.txt": "keep me"})), "error", ("out.txt",), must_keep=("out.txt",)),
         Case("opt-out-readonly", g, "-o inside a chmod 555 folder", predict("x.tif", out="ro/out"),

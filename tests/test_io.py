@@ -282,3 +282,22 @@ def test_write_tiff_writes_rgb_only_where_asked(tmp_path, shape, axes, read_axes
     write_tiff(tmp_path / "x.tif", array, axes=axes)
     back, got = read_image_axes(tmp_path / "x.tif")
     assert got == read_axes and np.array_equal(back, array.astype(np.uint16))
+
+
+def test_tiled_tiff_of_a_lazy_array_reads_back_exactly_with_its_pixel_size(tmp_path):
+    import dask.array as da
+
+    from biounet.io import open_image, write_tiff_tiled
+
+    prob = np.random.default_rng(0).random((2, 3, 300, 530)).astype(np.float32)  # tiles overhang both edges
+    write_tiff_tiled(tmp_path / "p.tif", da.from_array(prob, chunks=(1, 1, 128, 128)), axes="ZCYX",
+                     scale={"X": 0.5, "Y": 0.25}, units={"X": "micrometer", "Y": "micrometer"})  # fmt: skip
+    back, axes = read_image_axes(tmp_path / "p.tif")
+    assert axes == "ZCYX" and back.dtype == np.float32 and np.array_equal(back, prob)
+    lazy = open_image(tmp_path / "p.tif")  # an OME-TIFF: the pixel size travels
+    assert lazy.scale == {"X": 0.5, "Y": 0.25} and lazy.units == {"X": "micrometer", "Y": "micrometer"}
+    many = np.random.default_rng(1).integers(0, 70_000, (260, 300)).astype(np.uint32)
+    for labels, dtype in ((many, np.uint32), (many % 100, np.uint16)):  # uint16 where the labels fit
+        write_tiff_tiled(tmp_path / "l.tif", labels, axes="YX")
+        back = tifffile.imread(tmp_path / "l.tif")
+        assert back.dtype == dtype and np.array_equal(back, labels)

@@ -184,6 +184,12 @@ def model_dir(tmp_path):
     return tmp_path / "model"
 
 
+def labels_path(folder, stem, name="cell"):
+    """Where streamed labels are: in the probabilities' NGFF labels/ group, else a label image of their own."""
+    inside = folder / f"{stem}_probabilities.ome.zarr" / "labels" / name
+    return inside if inside.exists() else folder / f"{stem}_labels.ome.zarr"
+
+
 def check_ngff(path, axes, zarr_format):
     group = zarr.open_group(str(path), mode="r")
     assert group.metadata.zarr_format == zarr_format
@@ -196,8 +202,14 @@ def check_ngff(path, axes, zarr_format):
         assert image["version"] == "0.4"
         assert json.loads((path / "0" / ".zarray").read_text())["dimension_separator"] == "/"
     model = ome_zarr_models.open_ome_zarr(group)  # the reference validator: raises on invalid metadata
-    assert type(model) is (ome_zarr_models.v04.Image if zarr_format == 2 else ome_zarr_models.v05.Image)
+    version = ome_zarr_models.v04 if zarr_format == 2 else ome_zarr_models.v05
+    assert type(model) is (version.ImageLabel if "image-label" in image_attrs(group) else version.Image)
     return group["0"][:]
+
+
+def image_attrs(group):
+    attrs = group.attrs.asdict()
+    return attrs.get("ome", attrs)
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
@@ -225,11 +237,69 @@ def test_cli_streams_zarr_inputs_into_ome_zarr(tmp_path, model_dir, layout):
     prob = check_ngff(tmp_path / "out" / "in_probabilities.ome.zarr", "cyx", fmt)
     reference = predict(load_model(model_dir), image, progress=False)
     np.testing.assert_allclose(prob, reference, atol=1e-5)
-    labels = check_ngff(tmp_path / "out" / "in_labels.ome.zarr", "yx", fmt)
+    labels = check_ngff(labels_path(tmp_path / "out", "in"), "yx", fmt)
     assert same_partition(labels, labels_from_probabilities(reference))
     if layout == "ngff-0.4":
-        scale = zarr.open_group(str(tmp_path / "out" / "in_labels.ome.zarr")).attrs["multiscales"][0]["datasets"][0]
+        scale = zarr.open_group(str(labels_path(tmp_path / "out", "in"))).attrs["multiscales"][0]["datasets"][0]
         assert scale["coordinateTransformations"][0]["scale"] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_streamed_outputs_are_an_ngff_image_with_its_labels_group_and_pyramid(tmp_path, zarr_format):
+    image = np.random.default_rng(5).random((70, 90)).astype(np.float32)
+    items = da.from_array(image[None, None], chunks=(1, 1, 32, 32))
+    predict_to_zarr(net(2), items, tmp_path, "x", zarr_format=zarr_format, levels=3, chunk=32, progress=False,
+                    scale={"Y": 0.5, "X": 0.25}, units={"Y": "micrometer", "X": "micrometer"})  # fmt: skip
+    folder = tmp_path / "x_probabilities.ome.zarr"
+    version = ome_zarr_models.v04 if zarr_format == 2 else ome_zarr_models.v05
+    def attributes(model):  # NGFF 0.5 puts them under "ome"
+        return model.attributes if zarr_format == 2 else model.attributes.ome
+
+    validated = version.Image.from_zarr(zarr.open_group(str(folder), mode="r"))  # the reference validator
+    labels_group = zarr.open_group(str(folder / "labels"), mode="r")
+    assert attributes(version.Labels.from_zarr(labels_group)).labels == ["cell"]  # named after the model's class
+    label_image = version.ImageLabel.from_zarr(labels_group["cell"])
+    assert attributes(label_image).image_label.source.image == "../../"
+    for meta in (attributes(validated).multiscales[0], attributes(label_image).multiscales[0]):
+        axes = [(a.name, a.unit) for a in meta.axes if a.type == "space"]
+        assert axes == [("y", "micrometer"), ("x", "micrometer")]
+        scales = [d.coordinateTransformations[0].scale[-2:] for d in meta.datasets]
+        assert scales == [[0.5, 0.25], [1.0, 0.5], [2.0, 1.0]]  # as many levels for the labels as the image
+    prob = [zarr.open_array(str(folder / str(k)), mode="r")[:] for k in range(3)]
+    labels = [zarr.open_array(str(folder / "labels" / "cell" / str(k)), mode="r")[:] for k in range(3)]
+    np.testing.assert_allclose(prob[0], predict(net(2), image, progress=False), atol=1e-5)
+    assert same_partition(labels[0], labels_from_probabilities(prob[0]))
+    for k in (1, 2):  # nearest-neighbour levels: every 2**k-th pixel of full resolution
+        np.testing.assert_array_equal(prob[k], prob[0][:, :: 2**k, :: 2**k])
+        np.testing.assert_array_equal(labels[k], labels[0][:: 2**k, :: 2**k])
+    assert prob[2].shape == (2, 18, 23) and labels[0].dtype == np.uint32
+
+
+def test_labels_alone_are_a_label_image_that_viewers_open_as_labels(tmp_path):
+    items = da.from_array(np.random.default_rng(6).random((1, 1, 40, 40)).astype(np.float32), chunks=(1, 1, 32, 32))
+    predict_to_zarr(net(2), items, tmp_path, "x", save=["labels"], progress=False)
+    group = zarr.open_group(str(tmp_path / "x_labels.ome.zarr"), mode="r")
+    assert type(ome_zarr_models.open_ome_zarr(group)) is ome_zarr_models.v04.ImageLabel
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_labels.ome.zarr"]
+
+
+def test_pixel_sizes_and_units_are_read_from_imagej_and_ome_tiffs_and_reach_the_ngff(tmp_path, model_dir):
+    stack = (np.random.default_rng(7).random((2, 48, 40)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "ij.tif", stack, imagej=True, resolution=(1 / 0.2, 1 / 0.2),
+                     metadata={"axes": "ZYX", "unit": "um", "spacing": 2.5})  # fmt: skip
+    tifffile.imwrite(tmp_path / "ome.tif", stack, ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.3, "PhysicalSizeY": 0.4, "PhysicalSizeXUnit": "nm", "PhysicalSizeYUnit": "nm"})
+    tifffile.imwrite(tmp_path / "plain.tif", stack, resolution=(72, 72), resolutionunit="INCH")  # a print resolution
+    ij, ome, plain = (open_image(tmp_path / f"{n}.tif") for n in ("ij", "ome", "plain"))
+    assert ij.scale == pytest.approx({"X": 0.2, "Y": 0.2, "Z": 2.5}) and set(ij.units.values()) == {"micrometer"}
+    assert ome.scale == {"X": 0.3, "Y": 0.4} and ome.units == {"X": "nanometer", "Y": "nanometer"}
+    assert plain.scale == {} and plain.units == {}
+    assert main(["predict", str(model_dir), str(tmp_path / "ij.tif"), "-o", str(tmp_path / "o"), "--chunk", "32",
+                 "--no-progress", "--precision", "float32"]) == 0  # fmt: skip
+    meta = image_attrs(zarr.open_group(str(tmp_path / "o" / "ij_probabilities.ome.zarr"), mode="r"))["multiscales"][0]
+    assert [(a["name"], a.get("unit")) for a in meta["axes"]] == [
+        ("c", None), ("z", "micrometer"), ("y", "micrometer"), ("x", "micrometer")]
+    assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx([1.0, 2.5, 0.2, 0.2])
 
 
 def test_large_tiff_is_read_lazily_and_streamed(tmp_path, model_dir, monkeypatch):
@@ -245,7 +315,7 @@ def test_large_tiff_is_read_lazily_and_streamed(tmp_path, model_dir, monkeypatch
     prob = check_ngff(tmp_path / "o" / "big_probabilities.ome.zarr", "czyx", 2)
     reference = predict(load_model(model_dir), stack, progress=False)  # (Z, C, Y, X)
     np.testing.assert_allclose(prob, reference.transpose(1, 0, 2, 3), atol=1e-5)
-    labels = check_ngff(tmp_path / "o" / "big_labels.ome.zarr", "zyx", 2)
+    labels = check_ngff(labels_path(tmp_path / "o", "big"), "zyx", 2)
     for z in range(2):
         assert same_partition(labels[z], labels_from_probabilities(reference[z]))
 
@@ -266,14 +336,14 @@ def test_streamed_labels_equal_in_memory_labels_with_the_models_split(tmp_path, 
     image = synthetic_cells(1, (224, 200), seed=3)[0][0].astype(np.float32)
     items = da.from_array(image[None, None], chunks=(1, 1, 64, 64))
     predict_to_zarr(model, items, tmp_path, "x", save=save, chunk=64, progress=False)
-    labels = zarr.open_array(str(tmp_path / "x_labels.ome.zarr" / "0"))[:]
+    labels = zarr.open_array(str(labels_path(tmp_path, "x") / "0"))[:]
     prob = predict(model, image, progress=False)  # equal to the streamed probabilities to float32 rounding
     if "probabilities" in save:
         prob = zarr.open_array(str(tmp_path / "x_probabilities.ome.zarr" / "0"))[:]
     expected = labels_from_probabilities(prob, **model.info.postprocess)
     assert expected.max() > 20 and labels.max() == expected.max()  # many objects, 1..N
     assert same_partition(labels, expected)  # the same objects, numbered in another order
-    assert [p.name for p in tmp_path.iterdir()] == [f"x_{k}.ome.zarr" for k in sorted(save)]  # no scratch left
+    assert [p.name for p in tmp_path.iterdir()] == [f"x_{save[0]}.ome.zarr"]  # one image; no scratch left
 
 
 @pytest.mark.parametrize("stack_axis", ["T", "Z"])
@@ -284,7 +354,7 @@ def test_streamed_stack_labels_equal_in_memory_labels_plane_by_plane(tmp_path, s
     planes = np.stack([synthetic_cells(1, (200, 176), seed=s)[0][0] for s in (3, 4)]).astype(np.float32)
     predict_to_zarr(model, da.from_array(planes[:, None], chunks=(1, 1, 64, 64)), tmp_path, "x",
                     stack_axis=stack_axis, chunk=64, progress=False)  # fmt: skip
-    labels = zarr.open_array(str(tmp_path / "x_labels.ome.zarr" / "0"))[:]
+    labels = zarr.open_array(str(labels_path(tmp_path, "x") / "0"))[:]
     prob = zarr.open_array(str(tmp_path / "x_probabilities.ome.zarr" / "0"))[:]
     for i in range(2):
         expected = labels_from_probabilities(prob[i] if stack_axis == "T" else prob[:, i], **model.info.postprocess)
@@ -301,7 +371,7 @@ def test_streamed_objects_larger_than_the_window_are_post_processed_whole(tmp_pa
     predict_to_zarr(model, da.from_array(image[None, None], chunks=(1, 1, 32, 32)), tmp_path, "x", chunk=32,
                     progress=False)  # fmt: skip
     prob = zarr.open_array(str(tmp_path / "x_probabilities.ome.zarr" / "0"))[:]
-    labels = zarr.open_array(str(tmp_path / "x_labels.ome.zarr" / "0"))[:]
+    labels = zarr.open_array(str(labels_path(tmp_path, "x") / "0"))[:]
     assert same_partition(labels, labels_from_probabilities(prob, **model.info.postprocess))
 
 
@@ -334,7 +404,7 @@ def test_scheduler_runs_the_job_on_a_local_cluster(tmp_path, model_dir):
     prob = check_ngff(tmp_path / "o" / "c_probabilities.ome.zarr", "cyx", 3)
     reference = predict(load_model(model_dir), image, progress=False)
     np.testing.assert_allclose(prob, reference, atol=1e-5)
-    labels = check_ngff(tmp_path / "o" / "c_labels.ome.zarr", "yx", 3)
+    labels = check_ngff(labels_path(tmp_path / "o", "c"), "yx", 3)
     assert same_partition(labels, labels_from_probabilities(reference))
     with dask.config.set(scheduler="sync"):  # the client is closed again: back to local computing
         assert predict_dask(net(2), np.ones((8, 8), np.float32)).compute().shape == (2, 8, 8)

@@ -1,5 +1,5 @@
 """Images in and out: whole files, lazy opening of images larger than memory, OME-Zarr (NGFF)
-metadata, intensity scaling, overlays, and atomic writes that never leave a half-written file."""
+images with their labels and pyramids, pixel sizes, intensity scaling, overlays, and atomic writes that never leave a half-written file."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "to_luminance": "_images",
     "write_png": "_images",
     "write_tiff": "_images",
+    "write_tiff_tiled": "_images",
     "normalize_percentile": "_intensity",
     "rescale_intensity": "_intensity",
     "to_uint8": "_intensity",
@@ -31,6 +32,11 @@ _EXPORTS: dict[str, str] = {
     "intensity_percentiles": "_lazy",
     "open_image": "_lazy",
     "ngff_attributes": "_ngff",
+    "ngff_image": "_ngff",
+    "ngff_label": "_ngff",
+    "write_pyramid": "_ngff",
+    "ngff_unit": "_pixel_size",
+    "tiff_pixel_size": "_pixel_size",
     "ZARR_MARKERS": "_zarr",
     "is_zarr": "_zarr",
 }
@@ -55,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         to_luminance,
         write_png,
         write_tiff,
+        write_tiff_tiled,
     )
     from biounet.io._intensity import normalize_percentile, rescale_intensity, to_uint8  # noqa: F401
     from biounet.io._lazy import (  # noqa: F401
@@ -63,5 +70,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         intensity_percentiles,
         open_image,
     )
-    from biounet.io._ngff import ngff_attributes  # noqa: F401
+    from biounet.io._ngff import ngff_attributes, ngff_image, ngff_label, write_pyramid  # noqa: F401
+    from biounet.io._pixel_size import ngff_unit, tiff_pixel_size  # noqa: F401
     from biounet.io._zarr import ZARR_MARKERS, is_zarr  # noqa: F401

@@ -14,6 +14,7 @@ import numpy as np
 import zarr
 
 from biounet.errors import InputError
+from biounet.io._pixel_size import ngff_unit, tiff_pixel_size
 from biounet.io._zarr import is_zarr
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,17 @@ class LazyImage:
     zarr_format : int or None
         2 or 3 for Zarr inputs, None otherwise.
     scale : dict of str to float
-        Pixel size per spatial axis letter, from OME-Zarr metadata (empty if unknown).
+        Pixel size per axis letter (``"X"``, ``"Y"``, ``"Z"``, ``"T"``) from OME-Zarr, OME-TIFF
+        or ImageJ metadata (empty if unknown).
+    units : dict of str to str
+        The unit of each axis in ``scale`` that has one, by its NGFF name (``"micrometer"``).
     """
 
     array: da.Array
     axes: str
     zarr_format: int | None = None
     scale: dict[str, float] | None = None
+    units: dict[str, str] | None = None
 
 
 class _TiffRegions:
@@ -65,6 +70,7 @@ class _TiffRegions:
                 raise InputError(f"{path}: the TIFF holds no image series")
             series = tif.series[0]
             self.shape, self.dtype, self.axes = tuple(series.shape), np.dtype(series.dtype), series.axes
+            self.scale, self.units = tiff_pixel_size(tif)
         self.path = path
         self.ndim = len(self.shape)
         self._array: zarr.Array | None = None
@@ -110,8 +116,8 @@ def open_image(path: str | Path) -> LazyImage:
         if path.suffix.lower() in (".tif", ".tiff"):
             reader = _TiffRegions(path)
             chunks = tuple(1024 if a in "YX" else -1 if a in "CS" else 1 for a in reader.axes)
-            return LazyImage(da.from_array(reader, chunks=chunks, meta=np.empty((0,) * reader.ndim, reader.dtype)),
-                             reader.axes)  # fmt: skip
+            array = da.from_array(reader, chunks=chunks, meta=np.empty((0,) * reader.ndim, reader.dtype))
+            return LazyImage(array, reader.axes, scale=reader.scale, units=reader.units)
     except ValueError as exc:
         raise InputError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
     except Exception as exc:  # corrupt files raise whatever the decoder raises
@@ -128,6 +134,7 @@ def _open_zarr(path: Path) -> LazyImage:
     node = zarr.open(str(path), mode="r")
     zarr_format = node.metadata.zarr_format
     scale: dict[str, float] = {}
+    units: dict[str, str] = {}
     if isinstance(node, zarr.Group):
         attrs = node.attrs.asdict()
         multiscales = attrs.get("ome", attrs).get("multiscales")
@@ -140,7 +147,11 @@ def _open_zarr(path: Path) -> LazyImage:
         axes = "".join(_AXIS_LETTER.get(str(n).lower(), "Q") for n in names)
         for transform in dataset.get("coordinateTransformations", []):
             if transform.get("type") == "scale" and len(transform.get("scale", [])) == len(axes):
-                scale = {a: float(v) for a, v in zip(axes, transform["scale"], strict=True) if a in "ZYX"}
+                scale = {a: float(v) for a, v in zip(axes, transform["scale"], strict=True) if a in "TZYX"}
+        for letter, axis in zip(axes, image.get("axes", []), strict=False):
+            unit = ngff_unit(axis.get("unit")) if isinstance(axis, dict) else None
+            if unit and letter in scale:
+                units[letter] = unit
     else:
         array = node
         names = array.attrs.get("_ARRAY_DIMENSIONS") or getattr(array.metadata, "dimension_names", None)
@@ -149,7 +160,7 @@ def _open_zarr(path: Path) -> LazyImage:
         raise InputError(f"{path}: the OME-Zarr dataset is not an array")
     if len(axes) != array.ndim:
         axes = "Q" * (array.ndim - 2) + "YX"
-    return LazyImage(da.from_zarr(array), axes, zarr_format, scale)
+    return LazyImage(da.from_zarr(array), axes, zarr_format, scale, units)
 
 
 def intensity_percentiles(

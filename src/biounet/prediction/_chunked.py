@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from biounet.borders import mirror_indices
 from biounet.errors import InputError
 from biounet.io._files import atomic_folder
 from biounet.io._lazy import intensity_percentiles
-from biounet.io._ngff import ngff_array, store_blocks
+from biounet.io._ngff import ngff_image, ngff_label, store_blocks, write_pyramid
 from biounet.model import UNet, UNetConfig
 from biounet.prediction._chunk_labels import LabelJob, postprocess_chunked
 from biounet.prediction._input import check_intensity_range, model_items
@@ -223,6 +224,16 @@ def _on_cluster() -> bool:
     return True
 
 
+def label_name(model: UNet) -> str:
+    """The name of a model's instance labels in an OME-Zarr ``labels/`` group: its last class (``"cell"``).
+
+    Characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``, so that the
+    name is one path component.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", model.info.class_names[-1]).strip(".") or "objects"
+    return name
+
+
 def predict_to_zarr(
     model: UNet,
     items: da.Array,
@@ -233,20 +244,26 @@ def predict_to_zarr(
     save: Sequence[str] = ("probabilities", "labels"),
     zarr_format: int = 2,
     scale: dict[str, float] | None = None,
+    units: dict[str, str] | None = None,
+    levels: int = 1,
     chunk: int | None = None,
     options: PredictOptions | None = None,
     **overrides: Any,
 ) -> list[Path]:
     """Predict ``(items, channels, *spatial)`` pixels chunk by chunk into OME-Zarr images.
 
-    Writes ``<stem>_probabilities.ome.zarr`` (float32, classes on the channel axis) and
-    ``<stem>_labels.ome.zarr`` (uint32 instance labels, one per object across chunks, for
-    2-class and border models: the labels the model's post-processing makes in memory, its
-    split and minimum size included, up to numbering (:func:`postprocess_chunked`); the
-    arg-max class for more classes), each a single-scale OME-Zarr
-    image (NGFF 0.4 on Zarr v2, or NGFF 0.5 on Zarr v3) chunked like the prediction.
-    Each output is written to a temporary folder and renamed into place when complete.
-    Runs on the active ``dask.distributed`` client if there is one, else on local threads.
+    Writes ``<stem>_probabilities.ome.zarr``, an NGFF image (float32, classes on the channel
+    axis), with the labels in its ``labels/`` group as NGFF asks (``labels/<name>``, with
+    ``image-label`` metadata, so that napari opens them as labels; ``<name>`` is the model's
+    foreground class, :func:`label_name`, or ``classes``). Saving labels only writes them as
+    ``<stem>_labels.ome.zarr``, a label image of its own. Labels are uint32 instances, one per
+    object across chunks, for 2-class and border models: the labels the model's
+    post-processing makes in memory, its split and minimum size included, up to numbering
+    (:func:`postprocess_chunked`); the arg-max class for more classes. NGFF 0.4 on Zarr v2,
+    or NGFF 0.5 on Zarr v3, chunked like the prediction, with ``levels`` resolution levels
+    (:func:`biounet.io.write_pyramid`). Each output is written to a temporary folder and
+    renamed into place when complete. Runs on the active ``dask.distributed`` client if
+    there is one, else on local threads.
 
     Parameters
     ----------
@@ -265,8 +282,12 @@ def predict_to_zarr(
         What to write.
     zarr_format : {2, 3}
         Zarr v2 with NGFF 0.4 metadata, or Zarr v3 with NGFF 0.5 metadata.
-    scale : dict, optional
-        Pixel size per spatial axis letter, copied into the metadata.
+    scale, units : dict, optional
+        Pixel size and its unit (``"micrometer"``) per axis letter (``"Y"``, ``"X"``, ``"Z"``,
+        ``"T"``), copied into the metadata (:class:`biounet.io.LazyImage` reads them).
+    levels : int
+        Resolution levels of every output image: 1 (the default) for full resolution only,
+        else a pyramid halving y and x from level to level.
     chunk, options
         See :func:`predict_dask` (``**overrides`` change single fields); ``options.progress``
         shows a tqdm bar over the Dask tasks (local scheduler only).
@@ -279,6 +300,8 @@ def predict_to_zarr(
     config = model.config
     if items.ndim != config.dims + 2 or (items.shape[0] != 1 and stack_axis is None):
         raise InputError(f"items: expected (items, channels, {config.dims} spatial axes), got shape {items.shape}")
+    if levels < 1:
+        raise InputError(f"levels must be at least 1, got {levels}", option="levels")
     if set(save) - {"probabilities", "labels"} or zarr_format not in (2, 3):
         raise InputError(f"save must list 'probabilities'/'labels', zarr_format be 2 or 3; got {save}, {zarr_format}")
     if stack_axis is not None and stack_axis != "T" and config.dims == 3:
@@ -312,31 +335,41 @@ def predict_to_zarr(
     written: list[Path] = []
     work: list[Any] = []
     label_job = None
+    geometry = {"scale": scale or {}, "zarr_format": zarr_format, "levels": levels, "units": units}
     with contextlib.ExitStack() as stack:
-
-        def target(suffix: str, like: da.Array, dtype: Any, axes: list[tuple[str, str]]) -> zarr.Array:
-            path = output / f"{stem}_{suffix}.ome.zarr"
-            written.append(path)
-            folder = stack.enter_context(atomic_folder(path))
-            return ngff_array(folder, f"{stem}_{suffix}", like, dtype, axes, scale or {}, zarr_format)
-
-        prob_store = components = scratch = None
+        image_folder = None
+        pyramids: list[Path] = []  # the images whose levels past "0" are written at the end
+        prob_store = components = scratch = labels_store = None
         if "labels" in save and per_object:  # the per-object post-processing's own arrays, removed with the call
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=output, prefix=f".{stem}_")))
         if "probabilities" in save:
-            prob_store = target("probabilities", prob, np.float32, prob_axes)
+            path = output / f"{stem}_probabilities.ome.zarr"
+            written.append(path)
+            image_folder = stack.enter_context(atomic_folder(path))
+            prob_store = ngff_image(image_folder, f"{stem}_probabilities", prob, np.float32, prob_axes, **geometry)
+            pyramids.append(image_folder)
         elif scratch is not None:  # the post-processing reads them back
-            prob_store = ngff_array(scratch / "p", "p", prob, np.float32, prob_axes, {}, zarr_format)
+            prob_store = ngff_image(scratch / "p", "p", prob, np.float32, prob_axes, {}, zarr_format)
         if prob_store is not None:
             work.append(store_blocks(prob, prob_store))
-        if "labels" in save and instances:
-            labels_store = target("labels", labels, np.uint32, label_axes)
-            if scratch is not None:
-                components = ngff_array(scratch / "c", "c", labels, np.uint32, label_axes, {}, zarr_format)
-            label_job = LabelJob(labels, labels_store if components is None else components, config.dims)
-            work += label_job.work
-        elif "labels" in save:
-            work.append(store_blocks(labels, target("labels", labels, np.uint16, label_axes)))
+        if "labels" in save:
+            name = label_name(model) if instances else "classes"
+            if image_folder is not None:  # NGFF: the labels of an image live in its labels/ group
+                labels_store = ngff_label(image_folder, name, labels, label_axes, **geometry)
+                pyramids.append(image_folder / "labels" / name)
+            else:  # a label image of its own, still marked as labels for viewers
+                path = output / f"{stem}_labels.ome.zarr"
+                written.append(path)
+                folder = stack.enter_context(atomic_folder(path))
+                labels_store = ngff_image(folder, name, labels, np.uint32, label_axes, label=True, **geometry)
+                pyramids.append(folder)
+            if instances:
+                if scratch is not None:
+                    components = ngff_image(scratch / "c", "c", labels, np.uint32, label_axes, {}, zarr_format)
+                label_job = LabelJob(labels, labels_store if components is None else components, config.dims)
+                work += label_job.work
+            else:
+                work.append(store_blocks(labels.astype(np.uint32), labels_store))
         if work:
             bar = TqdmCallback(desc=f"{stem} chunks", unit="task", leave=False,
                                disable=not options.progress or _on_cluster())
@@ -347,4 +380,6 @@ def predict_to_zarr(
         if components is not None:
             postprocess_chunked(prob_store, components, labels_store, class_axis=class_axis, spatial_dims=config.dims,
                                 postprocess=postprocess)  # fmt: skip
+        for folder in pyramids if levels > 1 else []:
+            write_pyramid(folder)
     return written

@@ -317,7 +317,7 @@ def _predict_streamed(
     stem = output_stem(path)
     written = predict_to_zarr(
         model, items, output, stem, stack_axis=stack_axes or None, save=[s for s in save if s != "overlay"],
-        zarr_format=source.zarr_format or 2, scale=source.scale, chunk=chunk, options=options,
+        zarr_format=source.zarr_format or 2, scale=source.scale, units=source.units, chunk=chunk, options=options,
     )  # fmt: skip
     log.info("%s -> %s", path, ", ".join(p.name for p in written))
     return written
