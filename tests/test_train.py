@@ -6,24 +6,34 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from biounet.data import make_sample, synthetic_cells
-from biounet.training import soft_dice_loss, weighted_cross_entropy
-from biounet.model import UNetConfig
-from biounet.training import TrainConfig, auto_tile, largest_tile_within, train, train_steps
-from biounet.errors import TrainingError
-from biounet.data import split_samples
+from biounet.data import make_sample, split_samples, synthetic_cells
+from biounet.errors import InputError, TrainingError
+from biounet.model import ModelInfo, UNet, UNetConfig
+from biounet.training import (
+    TrainConfig,
+    auto_tile,
+    largest_tile_within,
+    soft_dice_loss,
+    train,
+    train_steps,
+    weighted_cross_entropy,
+)
 
 TINY = ["--set", "depth=2", "--set", "base_channels=4", "--set", "tile=76", "--set", "batch_size=2",
         "--set", "val_every=1000"]  # fmt: skip
@@ -412,8 +422,8 @@ def test_time_budget_fixes_and_records_the_steps_and_resume_keeps_them(tmp_path,
 
 
 def test_best_model_is_chosen_by_the_configured_score(tmp_path):
-    from biounet.training import CsvLog
     from biounet.model import load_model
+    from biounet.training import CsvLog
 
     samples = _tiny_samples(4)
     for best_by in ("v_rand", "iou"):
@@ -449,8 +459,8 @@ def test_luminance_recipe_trains_on_rgb_and_the_model_converts_rgb(tmp_path):
 
 def test_border_recipe_trains_three_classes_and_its_model_makes_instances(tmp_path):
     from biounet import predict
-    from biounet.postprocess import labels_from_probabilities
     from biounet.model import load_model
+    from biounet.postprocess import labels_from_probabilities
 
     with pytest.raises(ValueError, match='target = "border" and split = "border" go together'):
         TrainConfig.preset("fast", target="border")
@@ -521,3 +531,244 @@ def test_a_garbage_checkpoint_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="checkpoint.pt: not a checkpoint of this run") as caught:
         list(train_steps(_tiny_samples(2), tmp_path / "R", config, resume=True))
     assert "\n" not in str(caught.value)
+
+
+# --------------------------------------------------------------------------------------------
+# The nested recipe (issue 12): TOML tables, to_toml, dotted --set keys, UNet(config)
+# --------------------------------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "training.md"
+TABLES = ("network", "data", "augmentation", "loss", "optimization", "postprocess", "run")
+
+
+def _toml_file(folder: Path, text: str, name: str = "c.toml") -> Path:
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def _as_toml_data(config: TrainConfig) -> dict:
+    """What tomllib should read from ``config.to_toml()``: tables of fields, None as "none", tuples as lists."""
+    flat = {k: ("none" if v is None else list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(config).items()}  # fmt: skip
+    return {table: {name: flat[name] for name in names} for table, names in TrainConfig.SECTIONS.items()}
+
+
+def test_config_sections_hold_every_field_exactly_once():
+    assert tuple(TrainConfig.SECTIONS) == TABLES
+    listed = [name for names in TrainConfig.SECTIONS.values() for name in names]
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert len(listed) == len(set(listed)) == len(fields) == 34
+    assert set(listed) == set(fields)
+    assert TrainConfig.SECTIONS["optimization"] == ("optimizer", "lr", "momentum", "weight_decay", "schedule",
+                                                     "warmup", "steps", "minutes")  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["paper", "fast"])
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"norm": None, "normalization": None, "minutes": 2.5, "tile": "auto"},
+    {"lr": 1e-05, "weight_decay": 0.1 + 0.2, "dropout": 0.0, "w0": 0, "augment": False, "channels_last": False},
+    {"target": "border", "split": "border", "min_size": 12, "best_by": "v_rand", "color": "luminance"},
+    {"tile": 204, "depth": 3, "padding": "same", "norm": "group", "seed": 2**63 - 1, "precision": "bfloat16"},
+])  # fmt: skip
+def test_to_toml_round_trips_and_writes_the_tables(tmp_path, preset, overrides):
+    config = TrainConfig.preset(preset, **overrides)
+    text = config.to_toml()
+    assert tomllib.loads(text) == _as_toml_data(config)
+    assert re.findall(r"^\[(\w+)\]$", text, flags=re.MULTILINE) == list(TABLES)
+    assert TrainConfig.from_toml(_toml_file(tmp_path, text)) == config
+    assert TrainConfig.from_toml(_toml_file(tmp_path, text), base=TrainConfig.preset("fast", steps=3)) == config
+
+
+_POSITIVE_INT = st.integers(1, 10**6)
+_FINITE = st.floats(0, 1e6, allow_nan=False, allow_infinity=False)
+_FIELDS = {
+    "depth": st.integers(1, 4), "base_channels": st.integers(1, 64),
+    "padding": st.sampled_from(["valid", "same"]), "norm": st.sampled_from([None, "batch", "instance", "group"]),
+    "dropout": st.floats(0, 1, exclude_max=True), "tile": st.one_of(st.just("auto"), _POSITIVE_INT),
+    "batch_size": _POSITIVE_INT, "color": st.sampled_from(["keep", "luminance"]),
+    "normalization": st.one_of(st.none(), st.tuples(st.floats(0, 49.9), st.floats(50, 100))),
+    "augment": st.booleans(), "elastic_std": _FINITE, "elastic_grid": st.integers(2, 9), "w0": _FINITE,
+    "sigma": _FINITE, "dice": _FINITE, "optimizer": st.sampled_from(["sgd", "adam", "adamw"]),
+    "lr": st.floats(1e-300, 1e3), "momentum": st.floats(0, 1, exclude_max=True), "weight_decay": _FINITE,
+    "schedule": st.sampled_from(["constant", "poly", "cosine"]), "warmup": st.integers(0, 10**6),
+    "steps": _POSITIVE_INT, "minutes": st.one_of(st.none(), st.floats(1e-6, 1e6)), "min_size": st.integers(0, 10**6),
+    "val_every": _POSITIVE_INT, "checkpoint_every": _POSITIVE_INT, "best_by": st.sampled_from(["v_rand", "ap", "iou"]),
+    "seed": st.integers(0, 2**63 - 1), "deterministic": st.booleans(),
+    "precision": st.sampled_from(["auto", "float32", "bfloat16"]), "compile": st.booleans(),
+    "channels_last": st.booleans(),
+}  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.fixed_dictionaries(_FIELDS),
+       target_split=st.sampled_from([("binary", "none"), ("binary", "distance"), ("binary", "probability"),
+                                     ("border", "border")]))  # fmt: skip
+def test_to_toml_round_trips_any_recipe(tmp_path, values, target_split):
+    config = TrainConfig(**values, target=target_split[0], split=target_split[1])
+    assert tomllib.loads(config.to_toml()) == _as_toml_data(config)
+    assert TrainConfig.from_toml(_toml_file(tmp_path, config.to_toml())) == config
+
+
+def test_nested_toml_reads_tables_flat_keys_and_the_preset(tmp_path):
+    nested = _toml_file(tmp_path, 'preset = "fast"\nseed = 5\n[network]\ndepth = 3\nnorm = "none"\n'
+                                  '[optimization]\nlr = 0.001\nminutes = 2\n[data]\nnormalization = [2, 98]\n', "n.toml")  # fmt: skip
+    flat = _toml_file(tmp_path, 'preset = "fast"\nseed = 5\ndepth = 3\nnorm = "none"\nlr = 0.001\nminutes = 2\n'
+                                "normalization = [2, 98]\n", "f.toml")  # fmt: skip
+    expected = dataclasses.replace(TrainConfig.preset("fast"), seed=5, depth=3, norm=None, lr=0.001, minutes=2,
+                                   normalization=(2.0, 98.0))  # fmt: skip
+    assert TrainConfig.from_toml(nested) == TrainConfig.from_toml(flat) == expected
+    assert TrainConfig.from_toml(nested).base_channels == 16  # the rest is the fast preset's
+    # without a preset key the file is laid over ``base``
+    over = TrainConfig.from_toml(_toml_file(tmp_path, "[run]\nval_every = 7\n"), base=TrainConfig.preset("fast"))
+    assert over == dataclasses.replace(TrainConfig.preset("fast"), val_every=7)
+
+
+_TABLES_LISTED = "the tables are network, data, augmentation, loss, optimization, postprocess, run"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[optimization]\ndepth = 3\n", "[optimization] has no key depth: it belongs in [network]"),
+    ("[optimisation]\nlr = 0.1\n", f"unknown table [optimisation] (did you mean optimization?); {_TABLES_LISTED}"),
+    ("[network]\nwidth = 8\n", "[network] has no key width; its keys are depth, base_channels, padding, norm, dropout"),
+    ('[optimization]\nlr = "fast"\n', "[optimization] lr must be a number, got 'fast'"),
+    ("[optimization]\nlr = -1\n", "[optimization] lr must be > 0, got -1"),
+    ("[network]\ndropout = 1.5\n", "[network] dropout must be in [0, 1), got 1.5"),
+    ('[network]\nnorm = "layer"\n', "[network] norm must be one of 'batch', 'instance', 'group' or none, got 'layer'"),
+    ("[network]\ndepth = 9\n", "[network] depth must be at most 8, got 9"),
+    ("[data]\ntile = 0\n", "[data] tile must be a positive integer, got 0"),
+    ("[data]\nnormalization = [99.8, 1.0]\n",
+     "[data] normalization must be percentiles [low, high] with 0 <= low < high <= 100 (or none), got [99.8, 1.0]"),
+    ("[run]\nseed = true\n", "[run] seed must be an integer, got True"),
+    ("[augmentation]\nelastic_grid = 1\n", ("[augmentation] elastic_grid must be an integer >= 2 (control points "
+      "per axis), got 1")),
+    ("[loss]\nw0 = -1.0\n", "[loss] w0 must be a finite number >= 0, got -1.0"),
+    ("lr = 0.1\n[optimization]\nlr = 0.2\n", "lr is given twice, as lr and as [optimization] lr"),
+    ("network = 3\n", "network must be a table ([network]) of depth, base_channels, padding, norm, dropout, got 3"),
+    ("learning_rate = 0.1\n", (f"unknown training option learning_rate; {_TABLES_LISTED}, and their keys may "
+      "also stand at the top")),
+    ("[network.deep]\ndepth = 5\n", "[network] has no key deep; its keys are"),
+    ('preset = "slow"\n', "unknown preset 'slow'; choose from paper, fast"),
+    ("preset = 1\n", "preset must be a string ('paper' or 'fast'), got 1"),
+    ("[network]\nbase_channels = 512\n", "TrainConfig: base_channels * 2**depth = 8192 channels"),
+    ('[data]\ntarget = "border"\n', 'TrainConfig: target = "border" and split = "border" go together'),
+    ("lr = [", "cannot read training config"),
+])  # fmt: skip
+def test_toml_errors_name_the_file_the_table_and_the_key(tmp_path, text, message):
+    path = _toml_file(tmp_path, text)
+    with pytest.raises(InputError) as caught:
+        TrainConfig.from_toml(path)
+    assert str(caught.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"momentum": 1.0}, "TrainConfig.momentum must be in [0, 1), got 1.0"),
+    ({"depth": 9}, "TrainConfig.depth must be at most 8, got 9"),
+    ({"base_channels": 512}, ("TrainConfig: base_channels * 2**depth = 8192 channels at the bottom of the "
+      "network, over the limit of 4096")),
+    ({"normalization": (50, 10)}, "TrainConfig.normalization must be percentiles [low, high]"),
+    ({"sigma": float("nan")}, "TrainConfig.sigma must be a finite number >= 0, got nan"),
+    ({"lr": "fast"}, "TrainConfig.lr must be > 0, got 'fast'"),
+    ({"optimizer": "lbfgs"}, "TrainConfig.optimizer must be 'sgd', 'adam' or 'adamw', got 'lbfgs'"),
+])  # fmt: skip
+def test_values_that_would_fail_after_the_data_is_read_fail_at_construction(kwargs, message):
+    with pytest.raises(InputError) as caught:
+        TrainConfig(**kwargs)
+    assert str(caught.value).startswith(message)
+
+
+def test_set_takes_dotted_and_flat_keys():
+    fast = TrainConfig.preset("fast")
+    got = fast.updated(["optimization.lr=0.001", "network.norm=none", "steps=7", "data.normalization=[2, 98]",
+                        'run.precision="float32"'])  # fmt: skip
+    assert got == dataclasses.replace(fast, lr=0.001, norm=None, steps=7, normalization=(2.0, 98.0),
+                                      precision="float32")  # fmt: skip
+    assert fast.updated(["minutes=none"]).minutes is None and fast.updated(['norm="none"']).norm is None
+    for item, message in [("optimization.depth=3", "[optimization] has no key depth: it belongs in [network]"),
+                          ("optimisation.lr=1", "unknown table [optimisation] (did you mean optimization?)"),
+                          ("network.lr", "is not field=value")]:  # fmt: skip
+        with pytest.raises(InputError) as caught:
+            fast.updated([item])
+        assert message in str(caught.value) and caught.value.option == "set"
+    with pytest.raises(InputError, match="training option lr must be a number, got 'abc'"):
+        fast.updated(["optimization.lr=abc"])
+
+
+def test_cli_reads_the_whole_recipe_before_the_data(tmp_path, capsys):
+    from biounet.cli import main
+
+    missing, run = tmp_path / "no-such-data", tmp_path / "run"
+    good = _toml_file(tmp_path, "[optimization]\nlr = 0.001\n", "good.toml")
+    bad = _toml_file(tmp_path, '[optimization]\nlr = "abc"\n', "bad.toml")
+    # with a good recipe the missing data is what stops the run: the data is read after the recipe ...
+    assert main(["train", str(missing), "-o", str(run), "--config", str(good)]) == 1
+    assert str(missing) in capsys.readouterr().err
+    # ... so a bad recipe, or a bad --set, is reported first, whatever the data
+    assert main(["train", str(missing), "-o", str(run), "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"biounet train: error: {bad}: [optimization] lr must be a number, got 'abc'\n"
+    assert main(["train", str(missing), "-o", str(run), "--config", str(good), "--set", "optimization.depth=2"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("biounet train: error: override 'optimization.depth=2': [optimization] has no key depth: it "
+                   "belongs in [network] (--set)\n")  # fmt: skip
+    assert not run.exists()
+
+
+def test_the_run_folder_holds_its_recipe_as_toml_too(tmp_path):
+    from biounet.training import run_config
+
+    config = TrainConfig.preset("fast", depth=2, base_channels=4, tile="auto", batch_size=1, steps=1, val_every=1000)
+    list(train_steps(_tiny_samples(2), tmp_path / "R", config))
+    saved = run_config(tmp_path / "R")  # train_config.json
+    assert isinstance(saved.tile, int) and saved.precision in ("float32", "bfloat16")  # as resolved for the run
+    assert TrainConfig.from_toml(tmp_path / "R" / "train_config.toml") == saved
+    assert tomllib.loads((tmp_path / "R" / "train_config.toml").read_text()) == _as_toml_data(saved)
+
+
+def test_unet_from_a_config_is_the_keyword_network():
+    cfg = UNetConfig(in_channels=2, num_classes=3, depth=2, base_channels=4, norm="batch", dropout=0.2)
+    torch.manual_seed(0)
+    from_config = UNet(cfg, info=ModelInfo(class_names=("a", "b", "c"))).eval()
+    torch.manual_seed(0)
+    from_keywords = UNet(**cfg.to_dict()).eval()
+    assert from_config.config == from_keywords.config == cfg
+    assert from_config.info.class_names == ("a", "b", "c")
+    a, b = from_config.state_dict(), from_keywords.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(1, 2, 44, 44)
+    assert torch.equal(from_config(x), from_keywords(x))
+    for args, kwargs, named in [((cfg,), {"depth": 3}, "depth"), ((cfg, 3), {}, "num_classes"),
+                                ((cfg, 3, 2), {"norm": None}, "num_classes, depth, norm")]:  # fmt: skip
+        with pytest.raises(InputError) as caught:
+            UNet(*args, **kwargs)
+        assert str(caught.value) == f"UNet takes a UNetConfig or the architecture's arguments, not both: got a UNetConfig and {named}"
+    recipe = TrainConfig.preset("fast", depth=2, base_channels=4)
+    model = recipe.model(1, 2, ModelInfo())
+    assert model.config == recipe.net_config(1, 2) == UNetConfig(1, 2, 2, 4, "valid", "batch", 0.1)
+
+
+def test_the_docs_recipe_and_error_lines_are_what_biounet_reads_and_says(tmp_path, monkeypatch):
+    text = DOCS.read_text()
+    (example,) = re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)
+    got = TrainConfig.from_toml(_toml_file(tmp_path, example))
+    assert got == TrainConfig.preset("fast", depth=5, norm="instance", tile=444, normalization=(0.5, 99.5),
+                                     elastic_std=8.0, dice=0.5, lr=0.001, steps=2000, split="distance", min_size=12,
+                                     best_by="ap", seed=3)  # fmt: skip
+    # the table of keys: every field once, in its table, with the presets' values as to_toml writes them
+    rows, table = [], None
+    for named, key, paper, fast in re.findall(r"^\| (?:`\[(\w+)\]`)? *\| `(\w+)` \| ([^|]+) \| ([^|]+) \|", text,
+                                              flags=re.MULTILINE):  # fmt: skip
+        table = named or table
+        rows.append((table, key, paper.strip("` "), fast.strip("` ")))
+    written = {preset: dict(re.findall(r"^(\w+) = (.*)$", TrainConfig.preset(preset).to_toml(), flags=re.MULTILINE))
+               for preset in ("paper", "fast")}  # fmt: skip
+    assert rows == [(t, n, written["paper"][n], written["fast"][n]) for t, ns in TrainConfig.SECTIONS.items() for n in ns]
+    monkeypatch.chdir(tmp_path)
+    lines = re.findall(r"^biounet train: error: (recipe\.toml: .*)$", text, flags=re.MULTILINE)
+    assert len(lines) == 3
+    for content, line in zip(['[optimization]\nlr = "fast"\n', "[optimization]\ndepth = 3\n",
+                              "[optimisation]\nlr = 0.1\n"], lines, strict=True):  # fmt: skip
+        Path("recipe.toml").write_text(content)
+        with pytest.raises(InputError) as caught:
+            TrainConfig.from_toml(Path("recipe.toml"))
+        assert str(caught.value) == line

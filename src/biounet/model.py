@@ -27,7 +27,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -316,6 +316,9 @@ class UNet(nn.Module):
     ----------
     in_channels, num_classes, depth, base_channels, padding, norm, dropout, dims
         See :class:`UNetConfig`.
+    config : UNetConfig
+        Instead of those: the whole architecture as the only positional argument,
+        ``UNet(UNetConfig(depth=2))`` (the same network as ``UNet(depth=2)``).
     info : ModelInfo, optional
         Normalisation, class names and provenance stored with the weights.
 
@@ -331,6 +334,10 @@ class UNet(nn.Module):
     over axis 1 for probabilities (:func:`biounet.predict` does).
     """
 
+    @overload
+    def __init__(self, config: UNetConfig, /, *, info: ModelInfo | None = None) -> None: ...
+
+    @overload
     def __init__(
         self,
         in_channels: int = 1,
@@ -343,9 +350,20 @@ class UNet(nn.Module):
         dims: Literal[2, 3] = 2,
         *,
         info: ModelInfo | None = None,
-    ) -> None:
+    ) -> None: ...
+
+    def __init__(self, *args: Any, info: ModelInfo | None = None, **kwargs: Any) -> None:
         super().__init__()
-        cfg = UNetConfig(in_channels, num_classes, depth, base_channels, padding, norm, dropout, dims)
+        if args and isinstance(args[0], UNetConfig):
+            if len(args) > 1 or kwargs:
+                extra = [f.name for f in dataclasses.fields(UNetConfig)][1 : len(args)] + list(kwargs)
+                raise InputError(f"UNet takes a UNetConfig or the architecture's arguments, not both: got a "
+                                 f"UNetConfig and {', '.join(extra)}")  # fmt: skip
+            cfg = args[0]
+        else:
+            cfg = UNetConfig(*args, **kwargs)
+        in_channels, num_classes, depth, base_channels = cfg.in_channels, cfg.num_classes, cfg.depth, cfg.base_channels
+        dropout, dims = cfg.dropout, cfg.dims
         self.config = cfg
         self.info = info if info is not None else ModelInfo()
         if len(self.info.class_names) != num_classes:

@@ -72,8 +72,12 @@ def check_resumable(path: Path, saved: Mapping[str, Any], config: TrainConfig) -
 
 
 def write_config(path: Path, config: TrainConfig) -> None:
+    """The run's recipe as ``path`` (``train_config.json``, what resuming reads) and, beside it, as
+    TOML tables (``train_config.toml``: :meth:`TrainConfig.to_toml`, to copy and edit)."""
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    with atomic_write(path.with_suffix(".toml")) as tmp:
+        tmp.write_text(config.to_toml())
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import json
 import math
+import numbers
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from biounet.errors import InputError
-from biounet.model import ModelInfo, UNet, UNetConfig
+from biounet.model import MAX_CHANNELS, ModelInfo, UNet, UNetConfig
 
 Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "poly", "cosine"]
@@ -55,7 +59,25 @@ class TrainConfig:
     same way at prediction. ``target = "border"`` trains 3 classes (background, cell
     interior, cell border: :meth:`biounet.data.Sample.class_target`) instead of the
     paper's 2, and goes with ``split = "border"``: objects grow from the interiors.
+
+    The fields are flat (``config.lr``) and also grouped into TOML tables, :attr:`SECTIONS`
+    (``[optimization] lr``): :meth:`from_toml` reads either form, :meth:`to_toml` writes the
+    tables, and :meth:`updated` takes ``lr=0.001`` or ``optimization.lr=0.001``. The flat
+    names are what ``train_config.json`` records.
     """
+
+    #: The TOML tables of a recipe and the fields in each, in the order :meth:`to_toml` writes
+    #: them; every field is in exactly one table.
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "network": ("depth", "base_channels", "padding", "norm", "dropout"),
+        "data": ("tile", "batch_size", "normalization", "color", "target"),
+        "augmentation": ("augment", "elastic_std", "elastic_grid"),
+        "loss": ("w0", "sigma", "dice"),
+        "optimization": ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "steps", "minutes"),
+        "postprocess": ("split", "min_size"),
+        "run": ("val_every", "checkpoint_every", "best_by", "seed", "deterministic", "precision", "compile",
+                "channels_last"),
+    }  # fmt: skip
 
     # network
     depth: int = 4
@@ -99,32 +121,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.normalization, list | tuple):  # one form, however it was given
             object.__setattr__(self, "normalization", tuple(float(v) for v in self.normalization))
-        positive = ("depth", "base_channels", "batch_size", "steps", "val_every", "checkpoint_every")
-        positive += () if self.tile == "auto" else ("tile",)
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise InputError(f"TrainConfig.optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
-        if self.schedule not in ("constant", "poly", "cosine"):
-            raise InputError(f"TrainConfig.schedule must be 'constant', 'poly' or 'cosine', got {self.schedule!r}")
-        if self.split not in ("none", "distance", "probability", "border"):
-            raise InputError(f"TrainConfig.split must be 'none', 'distance', 'probability' or 'border', got {self.split!r}")
+        for field in dataclasses.fields(self):
+            problem = _value_problem(field.name, getattr(self, field.name))
+            if problem:
+                raise InputError(f"TrainConfig.{field.name} {problem}")
+        if self.base_channels * 2**self.depth > MAX_CHANNELS:
+            raise InputError(f"TrainConfig: base_channels * 2**depth = {self.base_channels * 2**self.depth} channels "
+                             f"at the bottom of the network, over the limit of {MAX_CHANNELS} (the paper's has 1024)")  # fmt: skip
         if (self.target == "border") != (self.split == "border"):
             raise InputError(f'TrainConfig: target = "border" and split = "border" go together (the interiors of the '
                              f"3-class target seed the objects); got target = {self.target!r}, split = {self.split!r}")
-        if not isinstance(self.min_size, int) or self.min_size < 0:
-            raise InputError(f"TrainConfig.min_size must be an integer >= 0, got {self.min_size!r}")
-        if not self.lr > 0:
-            raise InputError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if self.precision not in ("auto", "float32", "bfloat16"):
-            raise InputError(f"TrainConfig.precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
-        if self.minutes is not None and not (isinstance(self.minutes, int | float) and 0 < self.minutes < math.inf):
-            raise InputError(f"TrainConfig.minutes must be a positive number of minutes, got {self.minutes!r}")
-        if self.best_by not in ("v_rand", "ap", "iou"):
-            raise InputError(f"TrainConfig.best_by must be 'v_rand', 'ap' or 'iou', got {self.best_by!r}")
-        if self.color not in ("keep", "luminance"):
-            raise InputError(f"TrainConfig.color must be 'keep' or 'luminance', got {self.color!r}")
 
     @classmethod
     def preset(cls, name: Literal["paper", "fast"], **overrides: Any) -> TrainConfig:
@@ -158,31 +164,64 @@ class TrainConfig:
         return cls(**values)
 
     def updated(self, assignments: Sequence[str]) -> TrainConfig:
-        """Apply ``field=value`` strings (TOML values: ``lr=0.001``, ``norm="batch"``, ``augment=false``)."""
+        """Apply ``field=value`` strings of TOML values: ``lr=0.001``, ``norm="batch"``, ``augment=false``.
+
+        A field may be named by its table too (``optimization.lr=0.001``, :attr:`SECTIONS`); a
+        bare word is a string, and ``none`` is no value where the field may have none.
+        """
         values = {}
         for item in assignments:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise InputError(f"override {item!r} is not field=value", option="set")
+            table, dot, name = key.strip().rpartition(".")
+            if dot:
+                problem = _table_problem(table, name)
+                if problem:
+                    raise InputError(f"override {item!r}: {problem}", option="set")
             try:
-                values[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+                value = tomllib.loads(f"v = {raw.strip()}")["v"]
             except tomllib.TOMLDecodeError:
-                values[key.strip()] = raw.strip()  # a bare word: a string
+                value = raw.strip()  # a bare word: a string
+            values[name] = _none_for(name, value)
         return TrainConfig.from_dict({**dataclasses.asdict(self), **values})
 
     @classmethod
     def from_toml(cls, path: Path, base: TrainConfig | None = None) -> TrainConfig:
-        """Read a TOML file of fields (a ``preset = "fast"`` key picks the base recipe)."""
+        """Read a TOML recipe: the tables of :attr:`SECTIONS`, flat fields, or both.
+
+        ``preset = "fast"`` at the top level picks the recipe the file's values are laid over
+        (else ``base``, else the defaults). TOML has no null: the string ``"none"`` stands for
+        no value where a field may have none (``norm = "none"``). Everything is checked here,
+        before any data is read: an unknown table or key, a key in the wrong table, a field
+        given twice, or a value of the wrong type or range is one :class:`InputError` naming
+        the file, the table and the key and what was expected.
+        """
         try:
             data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise InputError(f"{path}: cannot read training config: {exc}") from exc
         preset = data.pop("preset", None)
-        start = cls.preset(preset) if preset else (base or cls())
+        if preset is not None and not isinstance(preset, str):
+            raise InputError(f"{path}: preset must be a string ('paper' or 'fast'), got {preset!r}")
+        values = _file_values(data, str(path))
         try:
-            return cls.from_dict({**dataclasses.asdict(start), **data})
+            start = cls.preset(preset) if preset is not None else (base or cls())  # type: ignore[arg-type]
+            return cls.from_dict({**dataclasses.asdict(start), **values})
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path}: {exc}") from exc
+
+    def to_toml(self) -> str:
+        """This recipe as TOML, one table per entry of :attr:`SECTIONS` and every field written.
+
+        :meth:`from_toml` reads it back to an equal recipe; no value (None) is written as
+        ``"none"``. Every run folder holds one, ``train_config.toml``, to copy and edit.
+        """
+        lines = ["# A biounet training recipe: biounet train DATA -o RUN --config THIS_FILE (docs/training.md).",
+                 '# TOML has no null: "none" stands for no value.']  # fmt: skip
+        for table, names in self.SECTIONS.items():
+            lines += ["", f"[{table}]", *(f"{name} = {_toml_value(getattr(self, name))}" for name in names)]
+        return "\n".join(lines) + "\n"
 
     @property
     def postprocess(self) -> dict[str, Any]:
@@ -195,7 +234,136 @@ class TrainConfig:
                           self.dropout)  # fmt: skip
 
     def model(self, in_channels: int, num_classes: int, info: ModelInfo) -> UNet:
-        return UNet(**self.net_config(in_channels, num_classes).to_dict(), info=info)
+        """A new network of this recipe's architecture (:meth:`net_config`) carrying ``info``."""
+        return UNet(self.net_config(in_channels, num_classes), info=info)
+
+
+#: Fields that must be positive integers (``tile`` may also be ``"auto"``).
+_POSITIVE = ("depth", "base_channels", "batch_size", "steps", "val_every", "checkpoint_every", "tile")
+#: Fields with a fixed set of string values (the values: their ``Literal`` annotations).
+_CHOICES = ("optimizer", "schedule", "split", "precision", "best_by", "color")
+#: Fields that must be finite numbers >= 0.
+_AT_LEAST_ZERO = ("w0", "sigma", "elastic_std", "dice", "weight_decay", "warmup")
+#: The deepest network (:class:`UNetConfig`: up to 8 poolings).
+_MAX_DEPTH = 8
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    """The annotation of each :class:`TrainConfig` field."""
+    return {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+@functools.cache
+def _table_of() -> dict[str, str]:
+    """The :attr:`TrainConfig.SECTIONS` table of each field."""
+    return {name: table for table, names in TrainConfig.SECTIONS.items() for name in names}
+
+
+def _value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with the value of one field on its own, or None (no type checks: :func:`_has_type`)."""
+    if name in _POSITIVE and not (name == "tile" and value == "auto"):
+        if not isinstance(value, int) or value < 1:
+            return f"must be a positive integer, got {value!r}"
+    elif name in _CHOICES:
+        choices = typing.get_args(_hints()[name])
+        if value not in choices:
+            return f"must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got {value!r}"
+    elif name == "min_size" and (not isinstance(value, int) or value < 0):
+        return f"must be an integer >= 0, got {value!r}"
+    elif name == "lr" and not (isinstance(value, int | float) and value > 0):
+        return f"must be > 0, got {value!r}"
+    elif name == "minutes" and value is not None and not (isinstance(value, int | float) and 0 < value < math.inf):
+        return f"must be a positive number of minutes, got {value!r}"
+    elif name in _AT_LEAST_ZERO and not (isinstance(value, int | float) and 0 <= value < math.inf):
+        return f"must be a finite number >= 0, got {value!r}"
+    elif name in ("dropout", "momentum") and not (isinstance(value, int | float) and 0 <= value < 1):
+        return f"must be in [0, 1), got {value!r}"
+    elif name == "elastic_grid" and not (isinstance(value, int) and value >= 2):
+        return f"must be an integer >= 2 (control points per axis), got {value!r}"
+    elif name == "normalization" and value is not None:
+        low, high = value if isinstance(value, list | tuple) and len(value) == 2 else (None, None)
+        if not (isinstance(low, int | float) and isinstance(high, int | float) and 0 <= low < high <= 100):
+            return f"must be percentiles [low, high] with 0 <= low < high <= 100 (or none), got {value!r}"
+    if name == "depth" and isinstance(value, int) and value > _MAX_DEPTH:
+        return f"must be at most {_MAX_DEPTH}, got {value!r}"
+    return None
+
+
+def _none_for(name: str, value: Any) -> Any:
+    """None for the TOML string ``"none"`` where field ``name`` may be None; else ``value``."""
+    hint = _hints().get(name)
+    return None if value == "none" and hint is not None and _has_type(None, hint) else value
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.8)  # a typo, not another word
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _table_problem(table: str, name: str) -> str | None:
+    """What is wrong with naming field ``name`` in ``table``, or None."""
+    sections = TrainConfig.SECTIONS
+    if table not in sections:
+        return f"unknown table [{table}]{_did_you_mean(table, sections)}; the tables are {', '.join(sections)}"
+    if name in sections[table]:
+        return None
+    if name in _table_of():
+        return f"[{table}] has no key {name}: it belongs in [{_table_of()[name]}]"
+    return f"[{table}] has no key {name}{_did_you_mean(name, sections[table])}; its keys are {', '.join(sections[table])}"
+
+
+def _file_values(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The fields of a TOML document (tables and/or flat keys), each checked on its own (see :meth:`from_toml`)."""
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    entries: list[tuple[str, Any, str]] = []  # (field, value, where it is in the file)
+    for key, value in data.items():
+        if key in TrainConfig.SECTIONS:
+            if not isinstance(value, dict):
+                raise InputError(f"{source}: {key} must be a table ([{key}]) of {', '.join(TrainConfig.SECTIONS[key])}, "
+                                 f"got {value!r}")  # fmt: skip
+            for name, item in value.items():
+                problem = _table_problem(key, name)
+                if problem:
+                    raise InputError(f"{source}: {problem}")
+                entries.append((name, item, f"[{key}] {name}"))
+        elif key in _table_of():
+            entries.append((key, value, key))
+        elif isinstance(value, dict):
+            raise InputError(f"{source}: unknown table [{key}]{_did_you_mean(key, TrainConfig.SECTIONS)}; the tables "
+                             f"are {', '.join(TrainConfig.SECTIONS)}")  # fmt: skip
+        else:
+            raise InputError(f"{source}: unknown training option {key}{_did_you_mean(key, _table_of())}; the "
+                             f"tables are {', '.join(TrainConfig.SECTIONS)}, and their keys may also stand at the top")  # fmt: skip
+    for name, value, at in entries:
+        if name in values:
+            raise InputError(f"{source}: {name} is given twice, as {where[name]} and as {at}")
+        value, hint = _none_for(name, value), _hints()[name]
+        if not _has_type(value, hint):
+            raise InputError(f"{source}: {at} must be {_type_name(hint)}, got {value!r}")
+        problem = _value_problem(name, value)
+        if problem:
+            raise InputError(f"{source}: {at} {problem}")
+        values[name], where[name] = value, at
+    return values
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal for a field's value (the types of :class:`TrainConfig` fields)."""
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))  # shortest round-tripping form; TOML reads inf and nan too
+    if isinstance(value, str):
+        return json.dumps(value)  # the fields' strings are plain words, valid TOML basic strings
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
 
 
 def _has_type(value: Any, hint: Any) -> bool:

@@ -66,7 +66,7 @@ def train(
 ) -> UNet:
     """Train a U-Net on ``samples`` (:class:`biounet.data.Sample`) and return the last model.
 
-    Writes to ``run_dir``: ``train_config.json``, ``log.csv``, TensorBoard event files,
+    Writes to ``run_dir``: ``train_config.json`` and ``.toml``, ``log.csv``, TensorBoard event files,
     ``checkpoint.pt``, ``last/`` and ``best/`` model folders, ``curves.png``. See
     :func:`train_steps` for the generator form.
     """
