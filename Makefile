@@ -29,13 +29,20 @@ $(CELLPOSE_VENV)/.installed:
 
 peers: $(STAMP) $(CELLPOSE_VENV)/.installed
 
+# The napari plugin's GUI stack (napari, PyQt6, pytest-qt, pytest-xvfb) for tests/test_napari.py;
+# `make demo` does without it.
+NAPARI_STAMP := $(VENV)/.installed-napari
+$(NAPARI_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e ".[napari-test]"
+	touch $@
+
 demo: $(STAMP)
 	$(VENV)/bin/biounet demo -o demo-output
 
-test: $(STAMP)
+test: $(STAMP) $(NAPARI_STAMP)
 	$(PY) -m pytest -q -m "not extended"
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(NAPARI_STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

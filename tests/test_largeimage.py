@@ -17,10 +17,10 @@ from scipy import ndimage
 
 from biounet import UNet, load_model, predict
 from biounet.errors import InputError
-from biounet.prediction import _chunked, _files
+from biounet.prediction import _chunked, _files, _names
 from biounet.cli import main
 from biounet.postprocess import labels_from_probabilities
-from biounet.io import intensity_percentiles, ngff_attributes, open_image
+from biounet.io import intensity_percentiles, ngff_attributes, open_image, read_image_axes
 from biounet.prediction import label_chunked, plan_chunks, predict_dask, predict_to_zarr
 from biounet.prediction import chunk_context
 from biounet.borders import mirror_indices
@@ -280,6 +280,7 @@ def test_labels_alone_are_a_label_image_that_viewers_open_as_labels(tmp_path):
     predict_to_zarr(net(2), items, tmp_path, "x", save=["labels"], progress=False)
     group = zarr.open_group(str(tmp_path / "x_labels.ome.zarr"), mode="r")
     assert type(ome_zarr_models.open_ome_zarr(group)) is ome_zarr_models.v04.ImageLabel
+    assert "source" not in group.attrs["image-label"]  # no image outside the store to point to
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_labels.ome.zarr"]
 
 
@@ -295,7 +296,7 @@ def test_pixel_sizes_and_units_are_read_from_imagej_and_ome_tiffs_and_reach_the_
     assert ome.scale == {"X": 0.3, "Y": 0.4} and ome.units == {"X": "nanometer", "Y": "nanometer"}
     assert plain.scale == {} and plain.units == {}
     assert main(["predict", str(model_dir), str(tmp_path / "ij.tif"), "-o", str(tmp_path / "o"), "--chunk", "32",
-                 "--no-progress", "--precision", "float32"]) == 0  # fmt: skip
+                 "--no-progress", "--precision", "float32", "--format", "ome-zarr"]) == 0  # fmt: skip
     meta = image_attrs(zarr.open_group(str(tmp_path / "o" / "ij_probabilities.ome.zarr"), mode="r"))["multiscales"][0]
     assert [(a["name"], a.get("unit")) for a in meta["axes"]] == [
         ("c", None), ("z", "micrometer"), ("y", "micrometer"), ("x", "micrometer")]
@@ -308,16 +309,51 @@ def test_large_tiff_is_read_lazily_and_streamed(tmp_path, model_dir, monkeypatch
     lazy = open_image(tmp_path / "big.tif")
     assert lazy.axes == "ZYX" and isinstance(lazy.array, da.Array) and lazy.array.numblocks == (2, 1, 1)
     np.testing.assert_array_equal(lazy.array[1, 10:20, 5:9].compute(), stack[1, 10:20, 5:9])
-    monkeypatch.setattr(_files, "STREAM_ABOVE_PIXELS", 1000)
+    monkeypatch.setattr(_names, "STREAM_ABOVE_PIXELS", 1000)
     monkeypatch.setattr(_files, "read_image_axes", lambda path: pytest.fail("the TIFF was loaded whole"))
     assert main(["predict", str(model_dir), str(tmp_path / "big.tif"), "-o", str(tmp_path / "o"),
-                 "--precision", "float32", "--no-progress"]) == 0  # fmt: skip
+                 "--precision", "float32", "--no-progress", "--format", "ome-zarr"]) == 0  # fmt: skip
     prob = check_ngff(tmp_path / "o" / "big_probabilities.ome.zarr", "czyx", 2)
     reference = predict(load_model(model_dir), stack, progress=False)  # (Z, C, Y, X)
     np.testing.assert_allclose(prob, reference.transpose(1, 0, 2, 3), atol=1e-5)
     labels = check_ngff(labels_path(tmp_path / "o", "big"), "zyx", 2)
     for z in range(2):
         assert same_partition(labels[z], labels_from_probabilities(reference[z]))
+
+
+def test_output_format_follows_the_input_or_the_choice_with_the_same_segmentation(tmp_path, model_dir):
+    stack = (np.random.default_rng(9).random((2, 70, 60)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "ZYX", "unit": "um"})  # fmt: skip
+    run = ["predict", str(model_dir), str(tmp_path / "s.tif"), "--precision", "float32", "--no-progress"]
+    assert main([*run, "-o", str(tmp_path / "memory")]) == 0  # in memory -> TIFF
+    assert main([*run, "-o", str(tmp_path / "streamed"), "--chunk", "32"]) == 0  # streamed TIFF -> tiled TIFF
+    assert main([*run, "-o", str(tmp_path / "zarr"), "--format", "ome-zarr", "--pyramid", "2"]) == 0  # in memory
+    memory_prob, axes = read_image_axes(tmp_path / "memory" / "s_probabilities.tif")
+    streamed_prob, streamed_axes = read_image_axes(tmp_path / "streamed" / "s_probabilities.tif")
+    assert axes == streamed_axes == "ZCYX" and streamed_prob.shape == (2, 2, 70, 60)
+    np.testing.assert_allclose(streamed_prob, memory_prob, atol=1e-5)
+    memory_labels = tifffile.imread(tmp_path / "memory" / "s_labels.tif")
+    streamed_labels = tifffile.imread(tmp_path / "streamed" / "s_labels.tif")
+    assert all(same_partition(streamed_labels[z], memory_labels[z]) for z in range(2))
+    assert open_image(tmp_path / "streamed" / "s_labels.tif").scale == {"X": 0.5, "Y": 0.5}  # an OME-TIFF
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == ["s_labels.tif", "s_probabilities.tif"]
+    zarr_prob = check_ngff(tmp_path / "zarr" / "s_probabilities.ome.zarr", "czyx", 2)
+    np.testing.assert_array_equal(zarr_prob, memory_prob.transpose(1, 0, 2, 3))
+    zarr_labels = check_ngff(tmp_path / "zarr" / "s_probabilities.ome.zarr" / "labels" / "cell", "zyx", 2)
+    np.testing.assert_array_equal(zarr_labels, memory_labels)  # the same labels, numbering too: the same code
+    level1 = zarr.open_array(str(tmp_path / "zarr" / "s_probabilities.ome.zarr" / "labels" / "cell" / "1"))[:]
+    np.testing.assert_array_equal(level1, memory_labels[:, ::2, ::2])
+
+def test_bad_output_format_and_levels_are_one_line_before_any_work(tmp_path, model_dir, capsys):
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((40, 40), np.uint8))
+    run = ["predict", str(model_dir), str(tmp_path / "s.tif"), "-o", str(tmp_path / "bad"), "--no-progress"]
+    assert main([*run, "--pyramid", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "levels must be a positive number" in err and err.rstrip().endswith("(--pyramid)")
+    with pytest.raises(InputError, match="output_format must be one of auto, tiff, ome-zarr, got 'png'"):
+        _files.predict_files(model_dir, [tmp_path / "s.tif"], tmp_path / "bad", output_format="png")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
 def test_rgb_tiff_is_chunked_by_plane_not_by_row(tmp_path):

@@ -10,7 +10,9 @@ own public names:
 * :mod:`biounet.training`: the recipe, the loop, checkpoints, budgets, logs;
 * :mod:`biounet.prediction`: the tile plan, the stitcher, chunked prediction, files;
 * :mod:`biounet.postprocess`: from probabilities to instance labels;
+* :mod:`biounet.measure`: one row per object (area, centroid, bounding box, intensity), CSV tables;
 * :mod:`biounet.metrics` and :mod:`biounet.evaluation`: scores, and scoring files;
+* :mod:`biounet.export`: bioimage.io packages, TorchScript and ONNX files;
 * :mod:`biounet.cli` and :mod:`biounet.demo`: the command line and the demo.
 
 Names are imported lazily (PEP 562, as scikit-image does), so ``import biounet`` and the
@@ -33,6 +35,8 @@ _EXPORTS: dict[str, str] = {
     "ModelInfo": "model",
     "load_model": "model",
     "available_models": "model",
+    # export (bioimage.io, TorchScript, ONNX)
+    "export_model": "export",
     # prediction
     "predict": "prediction",
     "predict_steps": "prediction",
@@ -45,9 +49,13 @@ _EXPORTS: dict[str, str] = {
     "predict_to_zarr": "prediction",
     "label_chunked": "prediction",
     "predict_files": "prediction",
+    "find_images": "prediction",
     # post-processing
     "probabilities_to_labels": "postprocess",
     "labels_from_probabilities": "postprocess",
+    # measuring objects
+    "measure_objects": "measure",
+    "write_objects_csv": "measure",
     # images in and out
     "open_image": "io",
     "intensity_percentiles": "io",
@@ -98,6 +106,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         synthetic_cells,
         weight_map,
     )
+    from biounet.export import export_model  # noqa: F401
     from biounet.io import (  # noqa: F401
         intensity_percentiles,
         normalize_percentile,
@@ -106,12 +115,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         write_png,
         write_tiff,
     )
+    from biounet.measure import measure_objects, write_objects_csv  # noqa: F401
     from biounet.metrics import score_instances  # noqa: F401
     from biounet.model import ModelInfo, UNet, UNetConfig, available_models, load_model  # noqa: F401
     from biounet.postprocess import labels_from_probabilities, probabilities_to_labels  # noqa: F401
     from biounet.prediction import (  # noqa: F401
         PredictOptions,
         chunk_context,
+        find_images,
         label_chunked,
         plan_tiles,
         predict,

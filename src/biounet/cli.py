@@ -26,7 +26,7 @@ Handler = Callable[[argparse.Namespace], int]
 # --------------------------------------------------------------------------------------------
 # predict (issue 2)
 # --------------------------------------------------------------------------------------------
-PREDICT_OUTPUTS = ("probabilities", "labels", "overlay")
+PREDICT_OUTPUTS = ("probabilities", "labels", "overlay", "objects")
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -34,9 +34,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="segment images with a saved model (overlap-tile)",
         description="Segment images of any size tile by tile. MODEL is a model folder or the name of a "
-        "shipped model (or give it with --model and list only images).",
+        "shipped model (or give it with --model and list only inputs). An INPUT is an image file, a Zarr/OME-Zarr "
+        "image or a folder of them (filtered by --pattern, searched with --recursive; files named like the "
+        "outputs of an earlier run, *_labels.* *_probabilities.* *_overlay.png, and the output folder are skipped).",
     )
-    p.add_argument("paths", nargs="+", metavar="[MODEL] INPUT", help="model (unless --model) and input images")
+    p.add_argument("paths", nargs="+", metavar="[MODEL] INPUT", help="model (unless --model), then images and folders")
     p.add_argument("-m", "--model", help="model folder or shipped model name")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if missing)")
     p.add_argument("--tile", type=int, help="largest input tile per axis in px (default 700 for 2D models)")
@@ -54,16 +56,47 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channel-axis", type=int, help="axis of the input holding the channels (else read from the file)")
     p.add_argument(
         "--chunk", type=int, metavar="PX",
-        help="stream every input chunk by chunk (PX output pixels per axis, e.g. 2048) into OME-Zarr outputs; "
-        "Zarr/OME-Zarr inputs and TIFFs over 8192x8192 px are always streamed",
+        help="stream every input chunk by chunk (PX output pixels per axis, e.g. 2048); Zarr/OME-Zarr inputs and "
+        "TIFFs over 8192x8192 px are always streamed (the same segmentation, without --tta and overlays)",
     )  # fmt: skip
+    p.add_argument(
+        "--format", choices=("auto", "tiff", "ome-zarr"), default="auto", dest="output_format",
+        help="file format of probabilities and labels (default auto: the input's, OME-Zarr for Zarr inputs, else "
+        "TIFF, tiled BigTIFF when streamed); OME-Zarr keeps the labels in the probabilities' labels/ group, as "
+        "napari reads them",
+    )  # fmt: skip
+    p.add_argument("--pyramid", type=int, default=1, metavar="LEVELS", dest="levels",
+                   help="resolution levels of OME-Zarr outputs (default 1; e.g. 4 for a pyramid that viewers browse "
+                   "fast)")  # fmt: skip
     p.add_argument(
         "--scheduler", metavar="ADDRESS",
         help="stream on a dask.distributed cluster, e.g. tcp://10.0.0.5:8786 (workers must see the files)",
     )  # fmt: skip
     p.add_argument(
-        "--save", default="probabilities,labels", help=f"comma-separated outputs among {','.join(PREDICT_OUTPUTS)}"
+        "--save", default="probabilities,labels", help=f"comma-separated outputs among {','.join(PREDICT_OUTPUTS)} "
+        "(objects: a CSV of one row per object, as --measure)",
     )
+    p.add_argument("--measure", action="store_true", help="also write <stem>_objects.csv: label, area, centroid, "
+                   "bounding box and mean intensity (of the input before normalisation) of every object")
+    p.add_argument("--pattern", metavar="GLOB", help="only the images of folders whose name matches, e.g. '*.tif' "
+                   "or '*_dapi.*' (case-insensitive)")
+    p.add_argument("-r", "--recursive", action="store_true", help="search the subfolders of folders too")
+    p.add_argument(
+        "--name", default="{stem}_{kind}{ext}", metavar="TEMPLATE",
+        help="output names (default {stem}_{kind}{ext}): {stem} the input's name without suffix, {kind} "
+        "probabilities/labels/overlay/objects, {ext} .tif/.png/.csv/.ome.zarr (last), {dir} the input's subfolder "
+        "in the folder it was found in; e.g. '{dir}/{stem}_{kind}{ext}' mirrors the subfolders",
+    )  # fmt: skip
+    p.add_argument("--threshold", type=float, help="foreground probability threshold, instead of the model's "
+                   "(default 0.5)")
+    p.add_argument("--min-size", type=int, metavar="PX", help="drop objects below this many pixels, instead of the "
+                   "model's")
+    p.add_argument("--split", choices=("none", "distance", "probability", "border"),
+                   help="how touching objects are separated, instead of the model's")  # fmt: skip
+    norm = p.add_mutually_exclusive_group()
+    norm.add_argument("--normalize", metavar="LOW,HIGH", help="normalise each image between these percentiles "
+                      "instead of the model's, e.g. 1,99.8")
+    norm.add_argument("--no-normalize", action="store_true", help="feed the pixels as they are (no normalisation)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already (never an input, "
                    "and never the output of another input of the same call)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -84,11 +117,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError("no input images given")
     save = tuple(s.strip() for s in args.save.split(",") if s.strip())
+    save += ("objects",) if args.measure and "objects" not in save else ()
     unknown = sorted(set(save) - set(PREDICT_OUTPUTS))
     if unknown or not save:
         raise ValueError(f"--save: unknown output(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(PREDICT_OUTPUTS)}")
     if args.chunk is not None and args.chunk < 1:
         raise ValueError(f"--chunk must be a positive number of pixels, got {args.chunk}")
+    normalization: Any = "none" if args.no_normalize else "model"
+    if args.normalize is not None:
+        try:
+            low, high = (float(v) for v in args.normalize.split(","))
+        except ValueError:
+            raise ValueError(f"--normalize takes two percentiles LOW,HIGH such as 1,99.8; got {args.normalize!r}") from None
+        normalization = (low, high)
+    postprocess = {k: v for k, v in (("threshold", args.threshold), ("min_size", args.min_size), ("split", args.split))
+                   if v is not None}  # fmt: skip
     options = PredictOptions(tile=args.tile, batch_size=args.batch_size, device=args.device, precision=args.precision,
                              compile=args.compile or False, tta=args.tta, progress=not args.no_progress)  # fmt: skip
     report = predict_files(
@@ -102,8 +145,53 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         debug=args.debug,
         overwrite=args.overwrite,
+        pattern=args.pattern,
+        recursive=args.recursive,
+        name=args.name,
+        postprocess=postprocess,
+        normalization=normalization,
+        output_format=args.output_format,
+        levels=args.levels,
     )
     return 0 if not report.failed else 1
+
+
+# --------------------------------------------------------------------------------------------
+# export (issue 14)
+# --------------------------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from biounet.export import FORMATS  # standard library only: --help stays instant
+
+    p = sub.add_parser(
+        "export",
+        help="export a model for Fiji/deepImageJ, QuPath, ilastik, napari (bioimage.io), TorchScript or ONNX",
+        description="Export MODEL (a model folder or the name of a shipped model). bioimageio: a bioimage.io model "
+        "package (OUT ending in .zip: zipped, else a folder) with pytorch_state_dict, TorchScript and ONNX weights, "
+        "test tensors, a cover and the model card, tested with bioimageio.core before it is written. torchscript, "
+        "onnx: one file taking normalised images and returning class probabilities (docs/export.md).",
+    )
+    p.add_argument("model", metavar="MODEL", help="model folder or shipped model name")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="file or folder to write")
+    p.add_argument("--format", choices=FORMATS, default="bioimageio", help="default bioimageio")
+    p.add_argument("--sample", metavar="IMAGE", help="bioimageio: an image for the test tensors and the cover "
+                   "(default: synthetic cells)")
+    p.add_argument("--author", action="append", metavar="NAME", help="bioimageio: an author of the model "
+                   "(repeatable; default: biounet developers)")
+    p.add_argument("--license", metavar="SPDX", help="bioimageio: the weights' licence (default BSD-3-Clause)")
+    p.add_argument("--no-check", action="store_true", help="skip running the export against PyTorch (and "
+                   "bioimageio's test) before writing it")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from biounet.export import export_model
+
+    given = {"authors": tuple(args.author) if args.author else None, "license": args.license}
+    path = export_model(args.model, args.output, format=args.format, overwrite=args.overwrite, check=not args.no_check,
+                        sample=args.sample, **{k: v for k, v in given.items() if v is not None})  # fmt: skip
+    log.info("exported %s as %s to %s", args.model, args.format, path)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,8 +386,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="data set folder (layout detected: images/+labels/, ISBI 2012, Cell Tracking Challenge)")
     p.add_argument("-o", "--output", required=True, metavar="RUNDIR", help="run folder (logs, checkpoints, models)")
     p.add_argument("--preset", choices=("paper", "fast"), default="paper")
-    p.add_argument("--config", metavar="FILE", help="TOML file of training options")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override one option (repeatable)")
+    p.add_argument("--config", metavar="FILE", help="TOML file of training options: tables [network], [data], "
+                   "[augmentation], [loss], [optimization], [postprocess], [run] (or flat keys); every run folder "
+                   "holds its own as train_config.toml")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one option, e.g. lr=0.001 or optimization.lr=0.001 (repeatable)")  # fmt: skip
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val", metavar="DATA", help="validation data set folder")
     val.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of the images")
@@ -389,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_predict, _add_train, _add_evaluate, _add_synth, _add_show_weights, _add_demo):
+    for add in (_add_predict, _add_export, _add_train, _add_evaluate, _add_synth, _add_show_weights, _add_demo):
         add(sub)
     return parser
 
@@ -413,7 +504,9 @@ def _setup_logging(level: int) -> None:
 
 
 #: The flag of each library argument that an error can be about (``BiounetError.option``).
-FLAGS = {"resume": "--resume", "tta": "--tta", "scheduler": "--scheduler", "set": "--set", "overwrite": "--overwrite"}
+FLAGS = {"resume": "--resume", "tta": "--tta", "scheduler": "--scheduler", "set": "--set", "overwrite": "--overwrite",
+         "threshold": "--threshold", "min_size": "--min-size", "split": "--split", "normalization": "--normalize",
+         "name": "--name", "pattern": "--pattern", "levels": "--pyramid", "output_format": "--format"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

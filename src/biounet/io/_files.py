@@ -103,6 +103,25 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def scratch_folder(parent: PathLike, stem: str) -> Iterator[Path]:
+    """Yield a new hidden folder in ``parent`` for intermediate files; removed with everything in it on exit.
+
+    Named like the temporaries of :func:`atomic_folder`, so that a folder a killed process
+    left behind is removed by the next run into ``parent`` (:func:`sweep_stale_temporaries`).
+    """
+    parent = Path(parent)
+    sweep_stale_temporaries(parent)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{stem}{_temporary_mark()}", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise InputError(f"{parent}: cannot write to the folder: {exc.strerror or exc}") from exc
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 #: What marks the temporary files and folders of :func:`atomic_write` and
 #: :func:`atomic_folder`: ``.biounet@<host>@<pid>@`` in the name, so that a later run can tell
 #: those of a process that died from those of one still writing.

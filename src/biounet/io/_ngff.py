@@ -60,6 +60,7 @@ def ngff_attributes(
     levels: int = 1,
     units: Mapping[str, str] | None = None,
     label: bool = False,
+    label_source: str | None = "../../",
 ) -> dict:
     """OME-Zarr metadata of an image (or a label image) whose levels are the arrays ``"0"``, ``"1"``, ...
 
@@ -80,8 +81,10 @@ def ngff_attributes(
     units : mapping of axis name to str, optional
         Units (``"micrometer"``, ``"second"``...) of the axes that have one.
     label : bool
-        Add ``image-label`` metadata (with ``source`` the image two levels up, as inside an
-        image's ``labels/`` group): viewers show the image as labels.
+        Add ``image-label`` metadata: viewers show the image as labels.
+    label_source : str or None
+        The ``image-label`` ``source``: the image the labels belong to, relative to them
+        (``"../../"`` inside an image's ``labels/`` group); None for a label image of its own.
 
     Raises
     ------
@@ -114,7 +117,7 @@ def ngff_attributes(
         raise InputError(f"ngff_attributes: axes {list(axes)} are not valid OME-Zarr axes: {exc}") from exc
     image: dict[str, Any] = {"multiscales": [multiscale.model_dump(mode="json", by_alias=True, exclude_none=True)]}
     if label:
-        source = {"source": {"image": "../../"}}
+        source = {"source": {"image": label_source}} if label_source else {}
         image["image-label"] = Label(**source).model_dump(mode="json", by_alias=True, exclude_none=True)
     if zarr_format == 2:
         image["multiscales"][0] = {"version": "0.4", **image["multiscales"][0]}
@@ -136,6 +139,7 @@ def ngff_image(
     levels: int = 1,
     units: Mapping[str, str] | None = None,
     label: bool = False,
+    label_source: str | None = None,
 ) -> zarr.Array:
     """Create the OME-Zarr image group ``folder`` and return its array ``"0"``, to hold ``like``.
 
@@ -143,13 +147,14 @@ def ngff_image(
     that every Dask chunk covers whole Zarr chunks. ``scale`` and ``units`` are keyed by
     axis letter (``"Y"``, ``"X"``, ``"Z"``, ``"T"``), as :class:`biounet.io.LazyImage`
     reads them; the levels past ``"0"`` are written by :func:`write_pyramid` once level 0
-    holds its pixels.
+    holds its pixels. ``label`` and ``label_source`` as for :func:`ngff_attributes` (no
+    source by default: a label image of its own).
     """
     group = zarr.open_group(str(folder), mode="w", zarr_format=zarr_format)
     sizes = [scale.get(n.upper(), 1.0) if t in ("space", "time") else 1.0 for n, t in axes]
     axis_units = {n: units[n.upper()] for n, _ in axes if units and n.upper() in units}
     group.attrs.update(ngff_attributes(axes, sizes, zarr_format=zarr_format, name=name, levels=levels,
-                                       units=axis_units, label=label))  # fmt: skip
+                                       units=axis_units, label=label, label_source=label_source))  # fmt: skip
     chunks = tuple(1 if t == "channel" else c[0] for (_, t), c in zip(axes, like.chunks, strict=True))
     return _create_level(group, "0", like.shape, chunks, dtype, axes, zarr_format)
 
@@ -174,7 +179,7 @@ def ngff_label(
         names = list(ome.get(key, []))
         labels.attrs["ome"] = {**ome, key: [*names, name] if name not in names else names}
     return ngff_image(image / "labels" / name, name, like, np.uint32, axes, scale, zarr_format, levels=levels,
-                      units=units, label=True)  # fmt: skip
+                      units=units, label=True, label_source="../../")  # fmt: skip
 
 
 def _create_level(

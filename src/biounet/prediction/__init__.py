@@ -2,7 +2,9 @@
 (``_tiling``), the device, precision and the network as a pure function (``_device``), the one
 set of options (``_options``), the network's input (``_input``),
 the exact stitcher (``_stitch``), chunked prediction of images larger than memory with Dask
-(``_chunked``, ``_chunk_labels``) and image files (``_files``)."""
+(``_chunked``, ``_chunk_labels``), predictions as OME-Zarr (``_ngff_outputs``), and image files:
+which files and output names (``_names``), predict-time overrides (``_overrides``) and the
+files themselves (``_files``)."""
 
 from __future__ import annotations
 
@@ -29,12 +31,27 @@ _EXPORTS: dict[str, str] = {
     "PredictOptions": "_options",
     "CHANNEL_LETTERS": "_files",
     "PredictReport": "_files",
-    "STREAM_ABOVE_PIXELS": "_files",
     "channel_axis_of": "_files",
     "model_items_of": "_files",
-    "output_stem": "_files",
-    "plan_outputs": "_files",
     "predict_files": "_files",
+    "NAME_FIELDS": "_names",
+    "OUTPUT_FORMATS": "_names",
+    "OUTPUT_NAME": "_names",
+    "OutputFormat": "_names",
+    "PREVIOUS_OUTPUTS": "_names",
+    "SAVE_KINDS": "_names",
+    "STREAM_ABOVE_PIXELS": "_names",
+    "Targets": "_names",
+    "check_name": "_names",
+    "find_images": "_names",
+    "output_format_of": "_names",
+    "output_name": "_names",
+    "output_stem": "_names",
+    "plan_outputs": "_names",
+    "label_name": "_ngff_outputs",
+    "write_ngff_prediction": "_ngff_outputs",
+    "Normalization": "_overrides",
+    "with_overrides": "_overrides",
     "as_model_input": "_input",
     "converts_to_luminance": "_input",
     "model_items": "_input",
@@ -77,14 +94,29 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from biounet.prediction._files import (  # noqa: F401
         CHANNEL_LETTERS,
-        STREAM_ABOVE_PIXELS,
         PredictReport,
         channel_axis_of,
         model_items_of,
-        output_stem,
-        plan_outputs,
         predict_files,
     )
+    from biounet.prediction._names import (  # noqa: F401
+        NAME_FIELDS,
+        OUTPUT_FORMATS,
+        OUTPUT_NAME,
+        PREVIOUS_OUTPUTS,
+        SAVE_KINDS,
+        STREAM_ABOVE_PIXELS,
+        OutputFormat,
+        Targets,
+        check_name,
+        find_images,
+        output_format_of,
+        output_name,
+        output_stem,
+        plan_outputs,
+    )
+    from biounet.prediction._ngff_outputs import label_name, write_ngff_prediction  # noqa: F401
+    from biounet.prediction._overrides import Normalization, with_overrides  # noqa: F401
     from biounet.prediction._input import (  # noqa: F401
         as_model_input,
         converts_to_luminance,

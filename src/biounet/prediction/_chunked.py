@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,12 +18,13 @@ from tqdm.dask import TqdmCallback
 
 from biounet.borders import mirror_indices
 from biounet.errors import InputError
-from biounet.io._files import atomic_folder
+from biounet.io._files import scratch_folder
 from biounet.io._lazy import intensity_percentiles
-from biounet.io._ngff import ngff_image, ngff_label, store_blocks, write_pyramid
+from biounet.io._ngff import ngff_image, store_blocks
 from biounet.model import UNet, UNetConfig
 from biounet.prediction._chunk_labels import LabelJob, postprocess_chunked
 from biounet.prediction._input import check_intensity_range, model_items
+from biounet.prediction._ngff_outputs import NgffOutputs, label_name, makes_instances, ngff_axes, ngff_order
 from biounet.prediction._options import PredictOptions
 from biounet.prediction._stitch import predict
 from biounet.prediction._tiling import chunk_context
@@ -224,16 +223,6 @@ def _on_cluster() -> bool:
     return True
 
 
-def label_name(model: UNet) -> str:
-    """The name of a model's instance labels in an OME-Zarr ``labels/`` group: its last class (``"cell"``).
-
-    Characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``, so that the
-    name is one path component.
-    """
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", model.info.class_names[-1]).strip(".") or "objects"
-    return name
-
-
 def predict_to_zarr(
     model: UNet,
     items: da.Array,
@@ -308,18 +297,11 @@ def predict_to_zarr(
         raise InputError(f"a 3D model's input can only be stacked along time (T), not {stack_axis!r}")
     options = PredictOptions.of(options, overrides)
     prob = _predict_items(model, items, _ranges(model, items, None), chunk=chunk, options=options)
-    # NGFF orders axes time, channel, space: a plane stack's item axis goes after the classes
-    space = [(a, "space") for a in "zyx"[3 - config.dims :]]
-    if stack_axis is None:
-        prob, prob_axes, label_axes = prob[0], [("c", "channel"), *space], space
-    elif stack_axis == "T":
-        prob_axes, label_axes = [("t", "time"), ("c", "channel"), *space], [("t", "time"), *space]
-    else:
-        prob = prob.transpose(1, 0, *range(2, prob.ndim))
-        prob_axes, label_axes = [("c", "channel"), ("z", "space"), *space], [("z", "space"), *space]
+    prob = ngff_order(prob, stack_axis)  # NGFF orders axes time, channel, space
+    prob_axes, label_axes = ngff_axes(stack_axis, config.dims)
     class_axis = prob_axes.index(("c", "channel"))
     postprocess = model.info.postprocess
-    instances = config.num_classes == 2 or postprocess.get("split") == "border"
+    instances = makes_instances(model)
     # splitting and size filtering act on whole objects: done object by object after the components
     per_object = instances and (postprocess.get("split", "none") != "none" or postprocess.get("min_size", 0) > 0)
     if instances and postprocess.get("connectivity", 1) != 1:
@@ -330,46 +312,30 @@ def predict_to_zarr(
         foreground = prob[index + (1,)] if config.num_classes == 2 else 1 - prob[index + (0,)]  # interior + border
         labels = foreground > postprocess.get("threshold", FOREGROUND_THRESHOLD)
     else:
-        labels = prob.argmax(axis=class_axis).astype(np.uint16)
+        labels = prob.argmax(axis=class_axis).astype(np.uint32)
 
-    written: list[Path] = []
     work: list[Any] = []
     label_job = None
-    geometry = {"scale": scale or {}, "zarr_format": zarr_format, "levels": levels, "units": units}
     with contextlib.ExitStack() as stack:
-        image_folder = None
-        pyramids: list[Path] = []  # the images whose levels past "0" are written at the end
-        prob_store = components = scratch = labels_store = None
+        outputs = NgffOutputs(stack, output, stem, zarr_format=zarr_format, scale=scale, units=units, levels=levels)
+        prob_store = components = scratch = None
         if "labels" in save and per_object:  # the per-object post-processing's own arrays, removed with the call
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=output, prefix=f".{stem}_")))
+            scratch = stack.enter_context(scratch_folder(output, stem))
         if "probabilities" in save:
-            path = output / f"{stem}_probabilities.ome.zarr"
-            written.append(path)
-            image_folder = stack.enter_context(atomic_folder(path))
-            prob_store = ngff_image(image_folder, f"{stem}_probabilities", prob, np.float32, prob_axes, **geometry)
-            pyramids.append(image_folder)
+            prob_store = outputs.probabilities(prob, prob_axes)
         elif scratch is not None:  # the post-processing reads them back
             prob_store = ngff_image(scratch / "p", "p", prob, np.float32, prob_axes, {}, zarr_format)
         if prob_store is not None:
             work.append(store_blocks(prob, prob_store))
         if "labels" in save:
-            name = label_name(model) if instances else "classes"
-            if image_folder is not None:  # NGFF: the labels of an image live in its labels/ group
-                labels_store = ngff_label(image_folder, name, labels, label_axes, **geometry)
-                pyramids.append(image_folder / "labels" / name)
-            else:  # a label image of its own, still marked as labels for viewers
-                path = output / f"{stem}_labels.ome.zarr"
-                written.append(path)
-                folder = stack.enter_context(atomic_folder(path))
-                labels_store = ngff_image(folder, name, labels, np.uint32, label_axes, label=True, **geometry)
-                pyramids.append(folder)
+            labels_store = outputs.labels(labels, label_axes, label_name(model) if instances else "classes")
             if instances:
                 if scratch is not None:
                     components = ngff_image(scratch / "c", "c", labels, np.uint32, label_axes, {}, zarr_format)
                 label_job = LabelJob(labels, labels_store if components is None else components, config.dims)
                 work += label_job.work
             else:
-                work.append(store_blocks(labels.astype(np.uint32), labels_store))
+                work.append(store_blocks(labels, labels_store))
         if work:
             bar = TqdmCallback(desc=f"{stem} chunks", unit="task", leave=False,
                                disable=not options.progress or _on_cluster())
@@ -380,6 +346,5 @@ def predict_to_zarr(
         if components is not None:
             postprocess_chunked(prob_store, components, labels_store, class_axis=class_axis, spatial_dims=config.dims,
                                 postprocess=postprocess)  # fmt: skip
-        for folder in pyramids if levels > 1 else []:
-            write_pyramid(folder)
-    return written
+        return outputs.finish()
+

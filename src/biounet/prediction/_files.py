@@ -1,13 +1,18 @@
-"""Predicting image files: reading, choosing outputs, writing probabilities, labels and overlays."""
+"""Predicting image files: reading them, arranging their axes once, and writing probabilities, labels,
+overlays and per-object measurements as TIFF or OME-Zarr.
+
+Which files and names: :mod:`biounet.prediction._names`; predict-time overrides of the model's
+normalisation and post-processing: :mod:`biounet.prediction._overrides`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
+import shutil
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +21,25 @@ import numpy as np
 
 from biounet.errors import InputError
 from biounet.io._display import label_overlay
-from biounet.io._files import ensure_writable_folder
-from biounet.io._images import read_image_axes, write_png, write_tiff
+from biounet.io._files import atomic_folder, ensure_writable_folder, scratch_folder
+from biounet.io._images import read_image_axes, write_png, write_tiff, write_tiff_tiled
 from biounet.io._zarr import is_zarr
 from biounet.model import UNet, load_model
 from biounet.postprocess import labels_from_probabilities
 from biounet.prediction._input import converts_to_luminance
+from biounet.prediction._names import (
+    OUTPUT_NAME,
+    SAVE_KINDS,
+    OutputFormat,
+    Targets,
+    check_name,
+    find_inputs,
+    output_format_of,
+    output_stem,
+    plan_targets,
+)
 from biounet.prediction._options import PredictOptions
+from biounet.prediction._overrides import Normalization, with_overrides
 from biounet.prediction._stitch import predict
 
 log = logging.getLogger(__name__)
@@ -32,11 +49,6 @@ log = logging.getLogger(__name__)
 CHANNEL_LETTERS = "CS"
 
 
-#: TIFF inputs with more pixels than this are streamed (2**26: 8192 x 8192); the in-memory
-#: path needs about 26 bytes per pixel for a 2-class model (docs/benchmarks.md).
-STREAM_ABOVE_PIXELS = 2**26
-
-
 @dataclass
 class PredictReport:
     """What :func:`predict_files` did: written files per input, failures, seconds."""
@@ -44,8 +56,6 @@ class PredictReport:
     written: dict[str, list[Path]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-
-
 def channel_axis_of(axes: str, shape: tuple[int, ...], model: UNet, channel_axis: int | None) -> int | None:
     """The axis that holds channels: ``channel_axis`` if given, else the file's ``C``/``S`` axis.
 
@@ -95,9 +105,12 @@ def model_items_of(
     return items, stack_shape, axes[: len(stack_shape)]
 
 
+# --------------------------------------------------------------------------------------------
+# predicting files
+# --------------------------------------------------------------------------------------------
 def predict_files(
     model: UNet | str | Path,
-    inputs: Sequence[Path],
+    inputs: Sequence[str | Path],
     output: Path,
     *,
     options: PredictOptions | None = None,
@@ -107,26 +120,41 @@ def predict_files(
     scheduler: str | None = None,
     debug: bool = False,
     overwrite: bool = False,
+    pattern: str | None = None,
+    recursive: bool = False,
+    name: str = OUTPUT_NAME,
+    postprocess: Mapping[str, Any] | None = None,
+    normalization: Normalization = "model",
+    output_format: OutputFormat = "auto",
+    levels: int = 1,
     **overrides: Any,
 ) -> PredictReport:
-    """Segment each file in ``inputs`` and write ``<stem>_probabilities.tif`` etc. to ``output``.
+    """Segment each image of ``inputs`` and write ``<stem>_probabilities.tif`` etc. to ``output``.
 
     Parameters
     ----------
     model : UNet or path or name
         A loaded model, a model folder, or a shipped model's name.
-    inputs : sequence of Path
+    inputs : sequence of path
         Image files (TIFF, PNG, JPEG, ``.npy``), Zarr arrays and OME-Zarr images (the first
-        multiscale level). Stacks are segmented slice by slice.
+        multiscale level), and folders of them (see :func:`find_images`; ``pattern`` and
+        ``recursive`` apply to folders). Stacks are segmented slice by slice.
     output : Path
-        Output folder, created if missing; must be writable (checked before any work).
-    save : sequence of {"probabilities", "labels", "overlay"}
+        Output folder, created if missing; must be writable (checked before any work). A
+        folder inside an input folder is skipped when that folder is searched.
+    save : sequence of {"probabilities", "labels", "overlay", "objects"}
         ``probabilities``: float32 TIFF, classes on the axis before Y, X. ``labels``: uint16
         TIFF (uint32 past 65,535 objects) of instances (2-class and border models, by the
         model's post-processing) or classes. ``overlay``: PNG of the labels over
-        the image (2D inputs). Streamed inputs give ``<stem>_probabilities.ome.zarr`` and
-        ``<stem>_labels.ome.zarr`` (see :func:`biounet.prediction.predict_to_zarr`)
-        and no overlay.
+        the image (2D inputs). ``objects``: CSV of one row per object, from
+        :func:`biounet.measure_objects` (label, area, centroid, bounding box; the stack index
+        of each plane; the mean intensity of the model's input pixels before normalisation:
+        the raw pixels of gray images, each channel of multi-channel ones, the luminance of
+        RGB images that the model converts). Streamed inputs give
+        ``<stem>_probabilities.ome.zarr`` with the labels in its ``labels/`` group, or
+        ``<stem>_labels.ome.zarr`` without probabilities (see
+        :func:`biounet.prediction.predict_to_zarr`), no overlay, and objects measured chunk
+        by chunk from the written labels (one more pass over the labels and the input).
     options : PredictOptions, optional
         How to predict (see :class:`biounet.PredictOptions`; ``**overrides`` change single
         fields). ``tta`` is not available for streamed inputs. ``precision="auto"`` (the
@@ -149,30 +177,63 @@ def predict_files(
         says: an input of the call, or the output of another input of the same call (two
         inputs ``a/x.tif`` and ``b/x.tif`` would both write ``x_labels.tif``); see
         :func:`plan_outputs`.
+    pattern, recursive : optional
+        Which images of the folders in ``inputs`` to segment (:func:`find_images`).
+    name : str
+        Output name template (:func:`output_name`): ``{stem}``, ``{kind}``, ``{ext}``,
+        ``{dir}``; the default :data:`OUTPUT_NAME` gives ``<stem>_<kind><ext>``.
+    postprocess : mapping, optional
+        Post-processing options (:func:`biounet.postprocess.probabilities_to_labels`:
+        ``threshold``, ``min_size``, ``split`` ...) over the model's own
+        (``model.info.postprocess``), for every input, in memory and streamed.
+    normalization : (low, high) or "model" or "none"
+        The input's percentile normalisation: the model's (default), none (the pixels as
+        they are), or these percentiles instead of the model's.
+    output_format : {"auto", "tiff", "ome-zarr"}
+        The format of probabilities and labels, whatever the input's size: ``"auto"`` follows
+        the input (OME-Zarr for Zarr/OME-Zarr inputs, TIFF for the others, streamed TIFFs
+        included: written tile by tile as BigTIFF, :func:`biounet.io.write_tiff_tiled`).
+        OME-Zarr outputs hold the labels in the probabilities' ``labels/`` group (see
+        :func:`biounet.prediction.predict_to_zarr`), with the input's pixel sizes and units.
+    levels : int
+        Resolution levels of OME-Zarr outputs (1: full resolution only; more: a pyramid
+        halving y and x from level to level, :func:`biounet.io.write_pyramid`).
     """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     options = PredictOptions.of(options, overrides)
+    unknown = sorted(set(save) - set(SAVE_KINDS))
+    if unknown or not save:
+        raise InputError(f"save: unknown output(s) {', '.join(unknown) or '(none)'}; choose from "
+                         f"{', '.join(SAVE_KINDS)}")  # fmt: skip
+    check_name(name)
+    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
+        raise InputError(f"levels must be a positive number of resolution levels, got {levels!r}", option="levels")
+    output_format_of(Path("."), output_format)  # an unknown format is refused before any work
     if not isinstance(model, UNet):
         model = load_model(model, device=options.device or "cpu")
+    model = with_overrides(model, postprocess, normalization)
     if options.precision == "auto":  # bfloat16 where native: the same segmentation, about 2x faster on such CPUs
         from biounet.device import resolve_precision
 
         options = options.replace(precision=resolve_precision(options.device or next(model.parameters()).device))
     output = ensure_writable_folder(output)
-    plan_outputs(inputs, output, save, stream=chunk is not None or scheduler is not None, overwrite=overwrite)
+    found = find_inputs(inputs, pattern, recursive, output, name)
+    files = [path for path, _ in found]
+    stream = chunk is not None or scheduler is not None
+    plan = plan_targets(files, output, save, stream=stream, overwrite=overwrite, name=name, folders=dict(found),
+                        output_format=output_format)  # fmt: skip
 
     report = PredictReport()
     with contextlib.ExitStack() as stack:
         if scheduler:
             stack.enter_context(_dask_client(scheduler))
-        for path in tqdm(inputs, desc="images", unit="image", disable=not options.progress or len(inputs) < 2):
-            path = Path(path)
+        for path in tqdm(files, desc="images", unit="image", disable=not options.progress or len(files) < 2):
             try:
                 report.written[str(path)] = _predict_one(
-                    model, path, output, save=save, options=options, channel_axis=channel_axis,
-                    stream=chunk is not None or scheduler is not None, chunk=chunk,
+                    model, path, output, plan[path], save=save, options=options, channel_axis=channel_axis,
+                    chunk=chunk, levels=levels,
                 )
             except (ValueError, OSError, RuntimeError) as exc:
                 message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
@@ -181,9 +242,7 @@ def predict_files(
                 if debug:
                     log.error("%s", traceback.format_exc())
     report.seconds = time.perf_counter() - started
-    log.info(
-        "segmented %d of %d image(s) in %.1f s -> %s", len(report.written), len(inputs), report.seconds, output
-    )
+    log.info("segmented %d of %d image(s) in %.1f s -> %s", len(report.written), len(files), report.seconds, output)
     if report.failed:
         log.error("failed (%d): %s", len(report.failed), ", ".join(report.failed))
     return report
@@ -205,101 +264,104 @@ def _dask_client(address: str) -> Iterator[object]:
         yield client
 
 
-def output_stem(path: Path) -> str:
-    """The name an input's outputs start with: the file name without its suffix (``.ome.zarr`` counts as one)."""
-    return path.name.removesuffix(".zarr").removesuffix(".ome") if is_zarr(path) else path.stem
-
-
-def _resolved(path: Path) -> Path:
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError) as exc:  # a symlink loop
-        raise InputError(f"{path}: cannot be resolved ({exc})") from None
-
-
-def plan_outputs(
-    inputs: Sequence[Path], output: Path, save: Sequence[str], *, stream: bool = False, overwrite: bool = False
-) -> dict[Path, list[Path]]:
-    """The files :func:`predict_files` will write for each input; refuse any that would destroy data.
-
-    Checked before any work, so that nothing is written when one name is wrong. Raises a
-    :class:`ValueError` naming both paths when an output would be an input of the call, when
-    two inputs would write the same output, or (unless ``overwrite``) when an output exists.
-    """
-    planned: dict[Path, list[Path]] = {}
-    owner: dict[Path, Path] = {}
-    sources = {_resolved(Path(p)): Path(p) for p in inputs}
-    for path in map(Path, inputs):
-        streamed = stream or is_zarr(path) or _is_large_tiff(path)
-        stem, suffix = output_stem(path), ".ome.zarr" if streamed else ".tif"
-        names = [f"{stem}_{kind}{suffix}" for kind in ("probabilities", "labels") if kind in save]
-        names += [f"{stem}_overlay.png"] if "overlay" in save and not streamed else []
-        planned[path] = [output / name for name in names]
-        for target in planned[path]:
-            resolved = _resolved(target)
-            if resolved in sources:
-                raise InputError(f"{path} would write {target}, which is an input of this call ({sources[resolved]}); "
-                                 "choose another output folder")  # fmt: skip
-            if resolved in owner:
-                raise InputError(f"{owner[resolved]} and {path} would both be written to {target}: rename one of "
-                                 "them, or segment them into separate output folders")  # fmt: skip
-            owner[resolved] = path
-            if target.exists() and not overwrite:
-                raise InputError(f"{target} exists already (ground truth, or an earlier result?) and {path} would "
-                                 "overwrite it; choose another output folder, or replace it with overwrite=True",
-                                 option="overwrite")  # fmt: skip
-    return planned
-
-
-def _is_large_tiff(path: Path) -> bool:
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        return False
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return bool(tif.series) and math.prod(tif.series[0].shape) > STREAM_ABOVE_PIXELS
-    except Exception:  # an unreadable file is reported by the in-memory reader
-        return False
-
-
 def _predict_one(
-    model: UNet, path: Path, output: Path, *, save: Sequence[str], options: PredictOptions, channel_axis: int | None,
-    stream: bool, chunk: int | None,
+    model: UNet, path: Path, output: Path, targets: Targets, *, save: Sequence[str], options: PredictOptions,
+    channel_axis: int | None, chunk: int | None, levels: int,
 ) -> list[Path]:  # fmt: skip
-    if stream or is_zarr(path) or _is_large_tiff(path):
-        return _predict_streamed(model, path, output, save=save, options=options, channel_axis=channel_axis,
-                                 chunk=chunk)  # fmt: skip
+    if targets.streamed:
+        return _predict_streamed(model, path, output, targets, save=save, options=options, channel_axis=channel_axis,
+                                 chunk=chunk, levels=levels)  # fmt: skip
     image, axes = read_image_axes(path)
     spatial_dims = model.config.dims
     items, stack_shape, stack_axes = model_items_of(image, axes, model, channel_axis)
     prob = predict(model, items if stack_shape else items[0], options=options, channel_axis=1 if stack_shape else 0)
     prob = prob.reshape(*stack_shape, *prob.shape[-1 - spatial_dims :])
-    written = []
-    stem = output_stem(path)
-    plane_axes = "YX" if spatial_dims == 2 else "ZYX"  # outputs keep the input's stack axes (Z, T, ...)
-    if "probabilities" in save:
-        written.append(write_tiff(output / f"{stem}_probabilities.tif", prob, axes=stack_axes + "C" + plane_axes))
-    if "labels" in save or "overlay" in save:
+    paths = targets.paths
+    for target in paths.values():
+        target.parent.mkdir(parents=True, exist_ok=True)
+    labels = None
+    if {"labels", "overlay", "objects"} & set(save):
         planes = prob.reshape(-1, *prob.shape[-1 - spatial_dims :])
         labels = np.stack([labels_from_probabilities(p, **model.info.postprocess) for p in planes])
         labels = labels.reshape(*stack_shape, *prob.shape[-spatial_dims:])
-        if "labels" in save:
-            written.append(write_tiff(output / f"{stem}_labels.tif", labels, axes=stack_axes + plane_axes))
-        if "overlay" in save:
-            if stack_shape or spatial_dims != 2:
-                log.warning("%s: overlay skipped (only for 2D images)", path)
-            else:
-                written.append(write_png(output / f"{stem}_overlay.png", label_overlay(items[0].mean(axis=0), labels)))
-    log.info("%s -> %s", path, ", ".join(p.name for p in written))
+    if targets.format == "ome-zarr":
+        written = _write_ngff_from_memory(model, path, paths, prob, labels if "labels" in save else None,
+                                          stack_shape, stack_axes, levels)  # fmt: skip
+    else:
+        plane_axes = "YX" if spatial_dims == 2 else "ZYX"  # outputs keep the input's stack axes (Z, T, ...)
+        written = []
+        if "probabilities" in paths:
+            written.append(write_tiff(paths["probabilities"], prob, axes=stack_axes + "C" + plane_axes))
+        if "labels" in paths:
+            written.append(write_tiff(paths["labels"], labels, axes=stack_axes + plane_axes))
+    if "overlay" in save:
+        if stack_shape or spatial_dims != 2:
+            log.warning("%s: overlay skipped (only for 2D images)", path)
+        else:
+            written.append(write_png(paths["overlay"], label_overlay(items[0].mean(axis=0), labels)))
+    if "objects" in paths:
+        written.append(_write_objects(paths["objects"], labels, items, stack_shape, stack_axes, spatial_dims))
+    log.info("%s -> %s", path, ", ".join(_shown(p, output) for p in written))
     return written
 
 
-def _predict_streamed(
-    model: UNet, path: Path, output: Path, *, save: Sequence[str], options: PredictOptions, channel_axis: int | None,
-    chunk: int | None,
+def _write_ngff_from_memory(
+    model: UNet, path: Path, paths: dict[str, Path], prob: np.ndarray, labels: np.ndarray | None,
+    stack_shape: tuple[int, ...], stack_axes: str, levels: int,
 ) -> list[Path]:  # fmt: skip
-    """Predict one input chunk by chunk into OME-Zarr outputs (see :mod:`biounet.prediction`)."""
+    """OME-Zarr outputs of a prediction made in memory, in the streamed path's layout, at the planned names."""
+    from biounet.io._lazy import open_image
+    from biounet.prediction._ngff_outputs import write_ngff_prediction
+
+    if len(stack_shape) > 1:
+        raise InputError(f"{path}: OME-Zarr outputs take at most one stack axis; the image has stack axes {stack_axes}")
+    source = open_image(path) if path.suffix.lower() in (".tif", ".tiff") or is_zarr(path) else None
+    kind = "probabilities" if "probabilities" in paths else "labels"
+    with scratch_folder(paths[kind].parent, output_stem(path)) as folder:
+        made = write_ngff_prediction(
+            folder, "x", prob if "probabilities" in paths else None, labels, model=model,
+            stack_axis=stack_axes or None, scale=source.scale if source else None,
+            units=source.units if source else None, levels=levels,
+        )  # fmt: skip
+        _move_folder(made[0], paths[kind])
+    return [paths[kind]]
+
+
+def _write_objects(
+    target: Path, labels: Any, items: Any, stack_shape: tuple[int, ...], stack_axes: str, spatial_dims: int
+) -> Path:
+    """Measure the objects of ``labels`` on the model's input pixels ``items`` (before normalisation) into a CSV."""
+    from biounet.measure import measure_objects, write_objects_csv
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    channels = items.shape[1]
+    image = np.moveaxis(items, 1, -1)  # (items, *spatial, channels): numpy or dask
+    image = image.reshape(*stack_shape, *image.shape[1:]) if stack_shape else image[0]
+    table = measure_objects(labels, image[..., 0] if channels == 1 else image, spatial_dims=spatial_dims,
+                            stack_axes=stack_axes)  # fmt: skip
+    log.debug("%s: %d object(s)", target, len(table["label"]))
+    return write_objects_csv(target, table)
+
+
+def _shown(path: Path, output: Path) -> str:
+    try:
+        return path.relative_to(output).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _predict_streamed(
+    model: UNet, path: Path, output: Path, targets: Targets, *, save: Sequence[str], options: PredictOptions,
+    channel_axis: int | None, chunk: int | None, levels: int,
+) -> list[Path]:  # fmt: skip
+    """Predict one input chunk by chunk (see :mod:`biounet.prediction`) into OME-Zarr or tiled TIFF outputs.
+
+    :func:`predict_to_zarr` writes ``<stem>_probabilities.ome.zarr`` (labels in its
+    ``labels/`` group) or ``<stem>_labels.ome.zarr`` into a folder. Where the targets are
+    just that, it writes them in place; else (TIFF outputs, another name template, objects
+    without the labels) into a hidden scratch folder beside them, from which the targets are
+    written or moved into place (each one atomically); the scratch folder is then removed.
+    """
     try:
         from biounet.io._lazy import open_image
         from biounet.prediction._chunked import predict_to_zarr
@@ -314,10 +376,82 @@ def _predict_streamed(
         raise InputError(f"{path}: streamed prediction takes at most one stack axis; the image has axes {source.axes}")
     if "overlay" in save:
         log.warning("%s: overlay skipped (not made for streamed images)", path)
-    stem = output_stem(path)
-    written = predict_to_zarr(
-        model, items, output, stem, stack_axis=stack_axes or None, save=[s for s in save if s != "overlay"],
-        zarr_format=source.zarr_format or 2, scale=source.scale, units=source.units, chunk=chunk, options=options,
-    )  # fmt: skip
-    log.info("%s -> %s", path, ", ".join(p.name for p in written))
+    paths, stem = targets.paths, output_stem(path)
+    tiff = targets.format == "tiff"
+    image_kind = "probabilities" if "probabilities" in paths else "labels" if "labels" in paths else None
+    zarr_save = [k for k in ("probabilities", "labels") if k in save or (k == "labels" and "objects" in paths)]
+    suffix = f"_{image_kind}.ome.zarr"
+    direct = (not tiff and image_kind is not None and zarr_save == [k for k in ("probabilities", "labels") if k in save]
+              and paths[image_kind].name.endswith(suffix))  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        if direct:
+            folder, prefix = paths[image_kind].parent, paths[image_kind].name.removesuffix(suffix)
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            folder, prefix = stack.enter_context(scratch_folder(output, stem)), stem
+        made = predict_to_zarr(
+            model, items, folder, prefix, stack_axis=stack_axes or None, save=zarr_save,
+            zarr_format=source.zarr_format or 2, scale=source.scale, units=source.units,
+            levels=1 if tiff else levels, chunk=chunk, options=options,
+        )  # fmt: skip
+        written = []
+        for target in paths.values():
+            target.parent.mkdir(parents=True, exist_ok=True)
+        if tiff:
+            written = _zarr_to_tiff(made[0], paths, stack_axes, model.config.dims, source.scale, source.units)
+        if "objects" in paths:
+            labels = open_image(_labels_in(made[0])).array
+            written.append(_write_objects(paths["objects"], labels, items, stack_shape, stack_axes, model.config.dims))
+        if direct:
+            written[:0] = made
+        elif not tiff:
+            if "probabilities" in zarr_save and "labels" not in save:  # measured, not asked for
+                shutil.rmtree(made[0] / "labels")
+            if image_kind is not None:
+                _move_folder(made[0], paths[image_kind])
+                written.insert(0, paths[image_kind])
+    log.info("%s -> %s", path, ", ".join(_shown(p, output) for p in written))
     return written
+
+
+def _zarr_to_tiff(
+    image: Path, paths: dict[str, Path], stack_axes: str, dims: int, scale: Any, units: Any
+) -> list[Path]:
+    """Write the streamed OME-Zarr ``image`` (and its labels) to the planned TIFFs, tile by tile, in the TIFF axis order."""
+    import dask.array as da
+    import zarr
+
+    plane_axes = "YX" if dims == 2 else "ZYX"
+    written = []
+    if "probabilities" in paths:
+        prob = da.from_zarr(zarr.open_array(str(image / "0"), mode="r"))
+        if stack_axes and stack_axes != "T":  # NGFF's (c, z, y, x) back to the in-memory TIFF's (Z, C, Y, X)
+            prob = prob.transpose(1, 0, *range(2, prob.ndim))
+        written.append(write_tiff_tiled(paths["probabilities"], prob, axes=stack_axes + "C" + plane_axes, scale=scale,
+                                        units=units))  # fmt: skip
+    if "labels" in paths:
+        labels = da.from_zarr(zarr.open_array(str(_labels_in(image) / "0"), mode="r"))
+        written.append(write_tiff_tiled(paths["labels"], labels, axes=stack_axes + plane_axes, scale=scale, units=units))
+    return written
+
+
+def _labels_in(image: Path) -> Path:
+    """The label image of a streamed output: the first of its NGFF ``labels/`` group, else ``image`` itself."""
+    import zarr
+
+    group = image / "labels"
+    if not is_zarr(group):
+        return image
+    attrs = zarr.open_group(str(group), mode="r").attrs.asdict()
+    names = attrs.get("ome", attrs).get("labels") or []
+    if not names:
+        raise InputError(f"{group}: an NGFF labels group that names no label image")
+    return group / names[0]
+
+
+def _move_folder(source: Path, target: Path) -> None:
+    """Move the folder ``source`` to ``target`` in one rename (replacing an earlier ``target``; see ``atomic_folder``)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(target) as tmp:
+        for child in source.iterdir():
+            child.rename(tmp / child.name)
