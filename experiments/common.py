@@ -24,14 +24,15 @@ from biounet.metrics import isbi_scores, score_instances
 EM_DIR, NUCLEI_DIR = "isbi2012-em", "dsb2018-nuclei"
 DATASETS = ("em", "nuclei")
 #: Variants in the order they run (most important first, for ``--time-limit``).
-VARIANTS = ("unet", "monai", "cellpose", "float32", "previous-recipe", "border-class", "no-elastic", "no-border",
-            "same-padding")
+VARIANTS = ("unet", "monai", "cellpose", "float32", "previous-recipe", "border-class", "wide", "no-elastic",
+            "no-border", "same-padding")
 #: Ablations and the one thing each changes (``configs/ablation-<name>.toml``).
 ABLATIONS = {
     "float32": "float32 eager, contiguous memory (the CPU default before bfloat16 and channels-last)",
     "previous-recipe": "the previous CPU recipe's net and tiles: 3 poolings, 204 px tiles in batches of 4",
     "border-class": 'a third class for the cells\' outermost pixels; objects grow from the interiors (`target = '
                     '"border"`, `split = "border"`)',
+    "wide": "twice the width (`base_channels = 32`, 4x the computation per step, fewer steps in the budget)",
     "no-elastic": "no elastic deformation (`elastic_std = 0`)",
     "no-border": "no border term of the weight map (`w0 = 0`)",
     "same-padding": 'same padding (`padding = "same"`), tiled at the training tile, with its seams',
@@ -40,7 +41,7 @@ ABLATIONS = {
 PEERS = ("monai", "cellpose")
 #: Variants for instance segmentation only: they run on the nuclei whenever selected (an
 #: ablation among them whatever ``--ablation-datasets`` says), never on the EM membranes.
-NUCLEI_ONLY = ("cellpose", "border-class")
+NUCLEI_ONLY = ("cellpose", "border-class", "wide")
 LABELS = {"unet": "biounet U-Net", "monai": "MONAI BasicUNet (peer)", "cellpose": "Cellpose 3.1 (peer)", **{k: f"U-Net, {k}" for k in ABLATIONS}}
 N_FOLDS = 5
 #: The paper's ISBI 2012 scores (Ronneberger et al. 2015, Table 1), on the challenge's test set.

@@ -227,7 +227,8 @@ def test_each_ablation_changes_exactly_one_field(dataset, variant):
     changed = {k for k in base if base[k] != ablated[k]}
     assert changed == {"no-elastic": {"elastic_std"}, "no-border": {"w0"}, "same-padding": {"padding"},
                        "float32": {"precision", "channels_last"},
-                       "previous-recipe": {"depth", "tile", "batch_size"}, "border-class": {"target", "split"}}[variant]
+                       "previous-recipe": {"depth", "tile", "batch_size"}, "border-class": {"target", "split"},
+                       "wide": {"base_channels"}}[variant]
     assert base["steps"] == 50 and base["base_channels"] == 16
 
 
