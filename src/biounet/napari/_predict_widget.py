@@ -10,7 +10,6 @@ from typing import Any
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
     Label,
@@ -22,6 +21,7 @@ from magicgui.widgets import (
 from biounet.model import available_models
 from biounet.napari._models import MODELS, OTHER_FOLDER, TRAINED, compact, devices, model_choices
 from biounet.napari._segment import Segmentation, segment_steps
+from biounet.napari._worker import WorkerWidget
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MODEL = "nuclei"
 
 
-class PredictWidget(Container):
+class PredictWidget(WorkerWidget):
     """Segment the chosen image layer; add ``<image> probability`` and ``<image> labels`` layers.
 
     The model is a shipped one (by name), one the train widget made in this session, or any
@@ -48,10 +48,11 @@ class PredictWidget(Container):
         Injected by napari.
     """
 
+    job = "segmentation"
+
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.worker: Any = None
         self.image = ComboBox(name="image", label="image", choices=self._image_layers)
         self.model = ComboBox(name="model", label="model", choices=model_choices)
         if DEFAULT_MODEL in available_models():
@@ -65,7 +66,7 @@ class PredictWidget(Container):
         self.split = ComboBox(name="split", label="split touching", choices=("none", "distance", "probability",
                                                                              "border"))  # fmt: skip
         self.min_size = SpinBox(name="min_size", label="min size (px)", min=0, max=10**9, value=0)
-        self.run_button = PushButton(name="run_button", text="Segment")
+        self.run_button = self.start_button = PushButton(name="run_button", text="Segment")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
         self.progress = ProgressBar(name="progress", label="tiles", min=0, max=1, value=0)
         self.status = Label(name="status", value="")
@@ -125,8 +126,6 @@ class PredictWidget(Container):
 
     def start(self, *_: Any) -> Any:
         """Segment the chosen image in a worker thread; return the worker (None if nothing to do)."""
-        from napari.qt.threading import create_worker
-
         from biounet.prediction import PredictOptions
 
         layer = self.image.value
@@ -142,23 +141,12 @@ class PredictWidget(Container):
         except ValueError as exc:
             self.status.value = f"error: {exc}"
             return None
-        self.worker = create_worker(
-            _predict, self.model_path(), self.device.value, data, layer.rgb, options, self.postprocess_fields(),
-            _connect={"yielded": self._progressed, "returned": lambda result: self._add_layers(layer, result),
-                      "errored": self._failed, "aborted": self._aborted, "finished": self._finished},
-            _start_thread=False,
-        )  # fmt: skip
-        self.run_button.enabled, self.cancel_button.enabled = False, True
         self.progress.value = 0
-        self.status.value = f"segmenting {layer.name}..."
-        self.worker.start()
-        return self.worker
-
-    def cancel(self, *_: Any) -> None:
-        """Stop the prediction after the batch of tiles in flight."""
-        if self.worker is not None:
-            self.worker.quit()
-            self.status.value = "cancelling..."
+        return self.launch(
+            _predict, self.model_path(), self.device.value, data, layer.rgb, options, self.postprocess_fields(),
+            connect={"yielded": self._progressed, "returned": lambda result: self._add_layers(layer, result)},
+            message=f"segmenting {layer.name}...",
+        )
 
     def _progressed(self, step: Any) -> None:
         self.progress.max = max(step.total, 1)
@@ -181,17 +169,6 @@ class PredictWidget(Container):
             else:
                 self.viewer.add_labels(data, name=name, metadata=meta, **geometry)
         self.status.value = f"{layer.name}: {int(result.labels.max())} object(s)"
-
-    def _failed(self, exc: Exception) -> None:
-        self.status.value = f"error: {exc}"
-        log.error("segmentation failed: %s", exc)
-
-    def _aborted(self) -> None:
-        self.status.value = "cancelled"
-
-    def _finished(self) -> None:
-        self.worker = None
-        self.run_button.enabled, self.cancel_button.enabled = True, False
 
 
 def _predict(

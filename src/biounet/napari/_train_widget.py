@@ -8,10 +8,11 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import ComboBox, FileEdit, Label, LineEdit, ProgressBar, PushButton, SpinBox
 
 from biounet.napari._models import TRAINED, compact, devices
 from biounet.napari._segment import samples_from_layers
+from biounet.napari._worker import WorkerWidget
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ RUNS_FOLDER = Path.home() / "biounet-runs"
 _NEXT_OPTION = re.compile(r",\s*(?=[A-Za-z_]\w*\s*=)")
 
 
-class TrainWidget(Container):
+class TrainWidget(WorkerWidget):
     """Train a U-Net from the viewer; save a model folder that the predict widget offers at once.
 
     The training data is an image layer with a labels layer of its shape (each plane of a
@@ -41,10 +42,11 @@ class TrainWidget(Container):
         Injected by napari.
     """
 
+    job = "training"
+
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.worker: Any = None
         self.losses: list[tuple[int, float]] = []
         self._steps_gen: Any = None
         self.source = ComboBox(name="source", label="train on", choices=("layers", "folder"), value="layers")
@@ -57,7 +59,7 @@ class TrainWidget(Container):
         self.recipe.tooltip = 'TrainConfig fields, e.g. lr=0.001, norm="batch", tile=252'
         self.device = ComboBox(name="device", label="device", choices=devices)
         self.run_dir = FileEdit(name="run_dir", label="run folder", mode="d", value=fresh_run_dir())
-        self.train_button = PushButton(name="train_button", text="Train")
+        self.train_button = self.start_button = PushButton(name="train_button", text="Train")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
         self.progress = ProgressBar(name="progress", label="steps", min=0, max=1, value=0)
         self.status = Label(name="status", value="")
@@ -98,8 +100,6 @@ class TrainWidget(Container):
 
     def start(self, *_: Any) -> Any:
         """Train in a worker thread; return the worker (None when the inputs are wrong, said in the status)."""
-        from napari.qt.threading import create_worker
-
         if self.worker is not None:
             return self.worker
         try:
@@ -119,23 +119,9 @@ class TrainWidget(Container):
         self._line.set_data([], [])
         self._canvas.draw_idle()
         self._steps_gen = _train(data, run_dir, config, str(self.device.value))
-        self.worker = create_worker(
-            _relay, self._steps_gen,
-            _connect={"yielded": self._stepped, "returned": self._trained, "errored": self._failed,
-                      "aborted": self._aborted, "finished": self._finished},
-            _start_thread=False,
-        )  # fmt: skip
-        self.train_button.enabled, self.cancel_button.enabled = False, True
         self.progress.max, self.progress.value = config.steps, 0
-        self.status.value = f"training {config.steps} steps into {run_dir}..."
-        self.worker.start()
-        return self.worker
-
-    def cancel(self, *_: Any) -> None:
-        """Stop after the step in flight."""
-        if self.worker is not None:
-            self.worker.quit()
-            self.status.value = "cancelling..."
+        return self.launch(_relay, self._steps_gen, connect={"yielded": self._stepped, "returned": self._trained},
+                           message=f"training {config.steps} steps into {run_dir}...")
 
     def _stepped(self, status: Any) -> None:
         if status.steps:
@@ -155,10 +141,6 @@ class TrainWidget(Container):
         self.status.value = f"saved model {model_dir}"
         self.run_dir.value = fresh_run_dir()
 
-    def _failed(self, exc: Exception) -> None:
-        self.status.value = f"error: {exc}"
-        log.error("training failed: %s", exc)
-
     def _aborted(self) -> None:
         if self._steps_gen is not None:
             self._steps_gen.close()  # ends train_steps (its event files closed)
@@ -170,8 +152,8 @@ class TrainWidget(Container):
             TRAINED.add(last)
 
     def _finished(self) -> None:
-        self.worker = self._steps_gen = None
-        self.train_button.enabled, self.cancel_button.enabled = True, False
+        super()._finished()
+        self._steps_gen = None
 
 
 def fresh_run_dir(root: Path | None = None) -> Path:
