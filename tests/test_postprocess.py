@@ -161,3 +161,16 @@ def test_invalid_maps():
         probabilities_to_labels(np.full((4, 4), 1.5))
     with pytest.raises(ValueError, match=r"2D or 3D array, got float64 with shape \(4,\)"):
         probabilities_to_labels(np.zeros(4))
+
+
+def test_labels_of_planes_post_processes_each_plane_of_a_stack_on_its_own():
+    from biounet.postprocess import labels_from_probabilities, labels_of_planes
+
+    rng = np.random.default_rng(3)
+    fg = rng.random((2, 3, 20, 24))  # (T, Z, Y, X) planes of a 2D model
+    prob = np.stack([1 - fg, fg], axis=2)  # (T, Z, C, Y, X)
+    labels = labels_of_planes(prob, 2, threshold=0.6)
+    assert labels.shape == (2, 3, 20, 24)
+    for t, z in np.ndindex(2, 3):  # numbered within each plane, as labels_from_probabilities numbers it
+        np.testing.assert_array_equal(labels[t, z], labels_from_probabilities(prob[t, z], threshold=0.6))
+    np.testing.assert_array_equal(labels_of_planes(prob[0, 0], 2), labels_from_probabilities(prob[0, 0]))

@@ -240,3 +240,14 @@ def labels_from_probabilities(prob: np.ndarray, **postprocess: Any) -> np.ndarra
     if prob.shape[0] == 2:
         return probabilities_to_labels(prob[1], **postprocess)
     return np.argmax(prob, axis=0).astype(np.uint16)
+
+
+def labels_of_planes(prob: np.ndarray, spatial_dims: int, **postprocess: Any) -> np.ndarray:
+    """:func:`labels_from_probabilities` of each ``(C, *spatial)`` item of ``(*stack, C, *spatial)`` probabilities.
+
+    Each plane (or volume) is post-processed on its own, as ``biounet predict`` does for
+    stacks; the result has the shape ``(*stack, *spatial)``.
+    """
+    items = prob.reshape(-1, *prob.shape[-1 - spatial_dims :])
+    labels = np.stack([labels_from_probabilities(p, **postprocess) for p in items])
+    return labels.reshape(*prob.shape[: -1 - spatial_dims], *prob.shape[-spatial_dims:])

@@ -45,7 +45,7 @@ def segment_steps(
     The pixels are arranged by :func:`biounet.prediction.model_items_of` (stack axes first,
     planes one by one for a 2D model; RGB samples last converted as the model was trained),
     predicted by :func:`biounet.predict_steps` and turned into labels plane by plane by
-    :func:`biounet.labels_from_probabilities` with ``postprocess`` (default: the model's).
+    :func:`biounet.postprocess.labels_of_planes` with ``postprocess`` (default: the model's).
 
     Yields
     ------
@@ -56,7 +56,7 @@ def segment_steps(
     -------
     Segmentation
     """
-    from biounet.postprocess import foreground_probability, labels_from_probabilities
+    from biounet.postprocess import foreground_probability, labels_of_planes
     from biounet.prediction import PredictOptions, Progress, model_items_of, predict_steps
 
     array = np.asarray(image)
@@ -73,12 +73,12 @@ def segment_steps(
             prob = step.result
             yield Progress(step.done, step.total)
     assert prob is not None  # predict_steps always ends with the result
-    prob = prob.reshape(-1, *prob.shape[-1 - dims :])
+    prob = prob.reshape(*stack_shape, *prob.shape[-1 - dims :])
     post = dict(model.info.postprocess if postprocess is None else postprocess)
-    labels = np.stack([labels_from_probabilities(p, **post) for p in prob]).astype(np.int32, copy=False)
-    foreground = np.stack([foreground_probability(p) for p in prob]).astype(np.float32, copy=False)
-    spatial = prob.shape[-dims:]
-    return Segmentation(foreground.reshape(*stack_shape, *spatial), labels.reshape(*stack_shape, *spatial))
+    labels = labels_of_planes(prob, dims, **post).astype(np.int32, copy=False)
+    planes = prob.reshape(-1, *prob.shape[-1 - dims :])
+    foreground = np.stack([foreground_probability(p) for p in planes]).astype(np.float32, copy=False)
+    return Segmentation(foreground.reshape(labels.shape), labels)
 
 
 def samples_from_layers(image: Any, labels: Any, *, rgb: bool = False, name: str = "layer") -> list[Any]:

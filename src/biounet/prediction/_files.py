@@ -25,7 +25,7 @@ from biounet.io._files import atomic_folder, ensure_writable_folder, scratch_fol
 from biounet.io._images import read_image_axes, write_png, write_tiff, write_tiff_tiled
 from biounet.io._zarr import is_zarr
 from biounet.model import UNet, load_model
-from biounet.postprocess import labels_from_probabilities
+from biounet.postprocess import labels_of_planes
 from biounet.prediction._input import converts_to_luminance
 from biounet.prediction._names import (
     OUTPUT_NAME,
@@ -281,9 +281,7 @@ def _predict_one(
         target.parent.mkdir(parents=True, exist_ok=True)
     labels = None
     if {"labels", "overlay", "objects"} & set(save):
-        planes = prob.reshape(-1, *prob.shape[-1 - spatial_dims :])
-        labels = np.stack([labels_from_probabilities(p, **model.info.postprocess) for p in planes])
-        labels = labels.reshape(*stack_shape, *prob.shape[-spatial_dims:])
+        labels = labels_of_planes(prob, spatial_dims, **model.info.postprocess)
     if targets.format == "ome-zarr":
         written = _write_ngff_from_memory(model, path, paths, prob, labels if "labels" in save else None,
                                           stack_shape, stack_axes, levels)  # fmt: skip
