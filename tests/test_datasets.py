@@ -456,6 +456,23 @@ def test_tile_dataset_reproducible_and_epochs_differ():
         a[4]
 
 
+def test_tile_dataset_inverts_bright_background_images_with_background_dark():
+    cells = [make_sample(im, lab, name=str(i)) for i, (im, lab) in enumerate(synthetic_cells(2, shape=(64, 64)))]
+    turned = [make_sample(im.max() + im.min() - im, s.labels, name=s.name) for s in cells for im in [s.image]]
+    kept = TileDataset(cells, input_size=52, output_size=12, length=4, seed=3, normalization=(0.0, 100.0))
+    dark = TileDataset(turned, input_size=52, output_size=12, length=4, seed=3, normalization=(0.0, 100.0),
+                       background="dark")  # fmt: skip
+    plain = TileDataset(turned, input_size=52, output_size=12, length=4, seed=3, normalization=(0.0, 100.0))
+    for k in range(4):  # percentiles 0 and 100: the inverted turned image is the original, to rounding
+        torch.testing.assert_close(dark[k].image, kept[k].image, rtol=0, atol=1e-6)
+        assert torch.equal(dark[k].target, kept[k].target)
+        torch.testing.assert_close(plain[k].image, 1 - kept[k].image, rtol=0, atol=1e-6)
+    # the synthetic cells are bright on a dark background: kept as they are
+    as_is = TileDataset(cells, input_size=52, output_size=12, length=4, seed=3, normalization=(0.0, 100.0),
+                        background="dark")  # fmt: skip
+    assert torch.equal(as_is[1].image, kept[1].image)
+
+
 def test_tile_dataset_rejects_bad_arguments():
     gray = make_sample(np.zeros((8, 8)), np.ones((8, 8), np.uint8), name="g")
     rgb = make_sample(np.zeros((8, 8, 3)), np.ones((8, 8), np.uint8), name="c")

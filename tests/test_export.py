@@ -239,6 +239,11 @@ def test_bad_arguments_are_one_clear_error_naming_the_argument(tmp_path):
     with pytest.raises(InputError, match=r"scale_range needs an upper percentile above 1, and this model normalises "
                        r"with percentiles \[0.1, 0.9\]"):  # fmt: skip
         export_model(low_percentiles, tmp_path / "p.zip")
+    inverting = UNet(depth=2, base_channels=4, info=biounet.ModelInfo(background="dark"))
+    with pytest.raises(InputError, match=r"model: it inverts images with a bright background \(background = 'dark'\), "
+                       "a choice made per image that bioimage.io's preprocessing cannot express") as err:  # fmt: skip
+        export_model(inverting, tmp_path / "p.zip")
+    assert err.value.option == "model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "model", "taken.pt"]  # nothing else written
 
 

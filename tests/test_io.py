@@ -212,6 +212,32 @@ def test_normalize_percentile_formula():
         normalize_percentile(x, 50, 10)
 
 
+def test_dark_background_inverts_bright_background_images_only():
+    from biounet.io import has_bright_background, rescale_intensity
+
+    rng = np.random.default_rng(0)
+    dark = rng.random((40, 50)) * 0.2  # a dark background (80 % of the pixels) with bright objects
+    dark[5:15, 5:25] = 0.8 + rng.random((10, 20)) * 0.2
+    bright = 1.0 - dark  # the same scene with dark objects on a bright background
+    for image in (dark, bright):
+        lo, med, hi = np.percentile(image.astype(np.float32), [1, 50, 99.8])
+        assert bool(has_bright_background(lo, med, hi)) == ((med - lo) / (hi - lo) > 0.25)
+    assert not has_bright_background(0.0, 0.25, 1.0) and has_bright_background(0.0, 0.2501, 1.0)  # the boundary
+    np.testing.assert_array_equal(normalize_percentile(dark, background="dark"), normalize_percentile(dark))
+    inverted = normalize_percentile(bright, background="dark")
+    np.testing.assert_allclose(inverted, 1.0 - normalize_percentile(bright), atol=1e-6)  # (p_high - x) / range
+    # per channel (axis): each channel decides on its own
+    both = np.stack([dark, bright])
+    out = normalize_percentile(both, axis=(1, 2), background="dark")
+    np.testing.assert_array_equal(out[0], normalize_percentile(dark))
+    np.testing.assert_allclose(out[1], inverted, atol=1e-6)
+    # a (low, high) pair with low > high inverts; a constant image still becomes 0
+    np.testing.assert_allclose(rescale_intensity(np.array([0.0, 2.0, 4.0]), 4.0, 0.0), [1.0, 0.5, 0.0])
+    assert np.all(normalize_percentile(np.full((4, 4), 3.0), background="dark") == 0)
+    with pytest.raises(ValueError, match="background must be one of as-is, dark, got 'light'"):
+        normalize_percentile(dark, background="light")
+
+
 def test_overlay_and_png(tmp_path):
     image = np.random.default_rng(0).random((20, 30))
     labels = np.zeros((20, 30), np.uint16)

@@ -150,6 +150,40 @@ def test_float_percentiles_are_exact_when_small_and_sampled_on_a_grid_when_large
     np.testing.assert_allclose(sampled[0, 0], np.percentile(data[0, 0, ::3, ::3], [2, 98]), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_percentiles_swap_for_bright_background_images_as_normalize_percentile_inverts_them(dtype):
+    from biounet.io import normalize_percentile, rescale_intensity
+
+    rng = np.random.default_rng(6)
+    dark = (rng.random((61, 47)) * 40).astype(dtype)  # dark background, a bright square
+    dark[10:25, 10:25] += dtype(200)
+    data = np.stack([dark, (255 - dark).astype(dtype)])[:, None]  # item 1: dark square on a bright background
+    got = intensity_percentiles(da.from_array(data, chunks=(1, 1, 20, 20)), 1.0, 99.8, background="dark")
+    plain = np.percentile(data.astype(np.float32).reshape(2, 1, -1), [1.0, 99.8], axis=-1).transpose(1, 2, 0)
+    np.testing.assert_allclose(got[0], plain[0], rtol=1e-12)  # kept
+    np.testing.assert_allclose(got[1], plain[1, :, ::-1], rtol=1e-12)  # swapped: (high, low)
+    for n in (0, 1):  # and the swapped pair normalises as normalize_percentile(background="dark") does
+        np.testing.assert_allclose(rescale_intensity(data[n, 0].astype(np.float32), *got[n, 0]),
+                                   normalize_percentile(data[n, 0], background="dark"), atol=1e-6)  # fmt: skip
+
+
+def test_a_dark_background_model_predicts_the_same_in_memory_and_in_chunks_and_inverts_as_trained():
+    model = net(2)
+    model.info = dataclasses.replace(model.info, normalization=(0.0, 100.0), background="dark")
+    plain = net(2)  # the same weights, polarity kept
+    plain.info = dataclasses.replace(model.info, background="as-is")
+    rng = np.random.default_rng(7)
+    bright = 1.0 - rng.random((100, 70)).astype(np.float32) * 0.3  # a bright background
+    bright[30:50, 20:40] -= 0.6
+    whole = predict(model, bright, progress=False, precision="float32")
+    # percentiles 0 and 100 are the extremes, so the inversion is exactly the image turned over
+    turned = (bright.max() + bright.min() - bright).astype(np.float32)
+    np.testing.assert_allclose(whole, predict(plain, turned, progress=False, precision="float32"), atol=1e-5)
+    assert np.abs(whole - predict(plain, bright, progress=False, precision="float32")).max() > 1e-3  # it matters
+    chunked = predict_dask(model, da.from_array(bright, chunks=(32, 32)), chunk=32, precision="float32").compute()
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+
 # -- labels across chunk borders ---------------------------------------------------------------
 def test_object_spanning_four_chunks_keeps_one_label():
     mask = np.zeros((2, 40, 40), bool)

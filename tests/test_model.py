@@ -156,7 +156,8 @@ def test_config_validation(kwargs, match):
 
 def test_save_load_round_trip_exact(tmp_path):
     torch.manual_seed(3)
-    info = ModelInfo(normalization=(2.0, 99.0), class_names=("bg", "nucleus", "edge"), provenance={"data": "x"})
+    info = ModelInfo(normalization=(2.0, 99.0), class_names=("bg", "nucleus", "edge"), provenance={"data": "x"},
+                     background="dark")  # fmt: skip
     model = UNet(depth=2, base_channels=4, num_classes=3, norm="batch", info=info)
     model.save(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "weights.safetensors"]
@@ -207,6 +208,8 @@ def _saved_config(tmp_path: Path) -> tuple[Path, dict]:
     ({"class_names": ["background"]}, "1 class_names for num_classes=2"),
     ({"class_names": "cells"}, "class_names must be a JSON array"),
     ({"color": "sepia"}, "color must be one of keep, luminance"),
+    ({"background": "light"}, "background must be one of as-is, dark, got 'light'"),
+    ({"background": 1}, "background must be a JSON string, got 1"),
     ({"format_version": 99}, "format_version 99 is not one this biounet reads"),
     ({"format_version": None}, "format_version None"),
     ({"architecture": {"base_channels": 1000000}}, r"base_channels must be an integer in 1\.\.4096"),

@@ -228,7 +228,11 @@ def test_each_ablation_changes_exactly_one_field(dataset, variant):
     assert changed == {"no-elastic": {"elastic_std"}, "no-border": {"w0"}, "same-padding": {"padding"},
                        "float32": {"precision", "channels_last"},
                        "previous-recipe": {"depth", "tile", "batch_size"}, "border-class": {"target", "split"},
-                       "wide": {"base_channels"}}[variant]
+                       "wide": {"base_channels"}, "dark-background": {"background"}, "precise-bn": {"precise_bn"},
+                       "seed-1": {"seed"}, "seed-2": {"seed"},
+                       # the dark-background row with other seeds: one change against that row, not the baseline
+                       "dark-background-seed-1": {"background", "seed"},
+                       "dark-background-seed-2": {"background", "seed"}}[variant]
     assert base["steps"] == 50 and base["base_channels"] == 16
 
 

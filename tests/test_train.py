@@ -457,6 +457,79 @@ def test_luminance_recipe_trains_on_rgb_and_the_model_converts_rgb(tmp_path):
                 channel_axis=None, progress=False)  # fmt: skip
 
 
+def test_dark_background_recipe_stores_its_rule_with_the_model(tmp_path):
+    from biounet import predict
+    from biounet.model import load_model
+
+    samples = _tiny_samples(2)
+    turned = [make_sample(s.image.max() + s.image.min() - s.image, s.labels, name=s.name) for s in samples]
+    config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=2, val_every=2,
+                                background="dark")  # fmt: skip
+    train(turned[:1], tmp_path / "run", config, val_samples=turned[1:], progress=False)
+    model = load_model(tmp_path / "run" / "last")
+    assert model.info.background == "dark"
+    assert json.loads((tmp_path / "run" / "last" / "config.json").read_text())["background"] == "dark"
+    image = samples[1].image.astype(np.float32)  # bright cells on dark: predicted as they are
+    prob = predict(model, image, progress=False, precision="float32")
+    plain = dataclasses.replace(model.info, background="as-is")
+    assert np.array_equal(prob, predict(_with_info(model, plain), image, progress=False, precision="float32"))
+
+
+def _with_info(model, info):
+    import copy
+
+    clone = copy.copy(model)
+    clone.info = info
+    return clone
+
+
+def test_recompute_batch_norm_is_the_plain_average_of_the_batches_statistics():
+    from biounet.training import recompute_batch_norm
+
+    torch.manual_seed(0)
+    model = UNet(depth=2, base_channels=4, norm="batch", dropout=0.0).eval()
+    batches = [torch.rand(2, 1, 44, 44) * (k + 1) + k for k in range(3)]
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(len(layers))}
+    hooks = [m.register_forward_pre_hook(lambda _, args, i=i: seen[i].append(
+        (args[0].mean(dim=(0, 2, 3)), args[0].var(dim=(0, 2, 3), unbiased=True)))) for i, m in enumerate(layers)]
+    with torch.no_grad():  # the reference: each layer's input statistics, batch by batch, in train mode
+        model.train()
+        for batch in batches:
+            model(batch)
+    for hook in hooks:
+        hook.remove()
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    model.eval()
+    assert recompute_batch_norm(model, batches) == 3
+    for i, m in enumerate(layers):
+        torch.testing.assert_close(m.running_mean, torch.stack([s[0] for s in seen[i]]).mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var, torch.stack([s[1] for s in seen[i]]).mean(0), rtol=1e-5, atol=1e-6)
+        assert m.momentum == 0.1 and int(m.num_batches_tracked) == 3
+    assert not model.training and all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
+    before = [m.running_mean.clone() for m in layers]
+    assert recompute_batch_norm(model, []) == 0  # nothing to average over: the statistics stay
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(layers, before, strict=True))
+    assert recompute_batch_norm(UNet(depth=2, base_channels=4), batches) == 0  # no BatchNorm layer
+
+
+def test_precise_bn_changes_the_statistics_of_the_saved_models_and_not_the_training(tmp_path):
+    from biounet.model import load_model
+
+    samples = _tiny_samples(3)
+    config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=4, val_every=2)
+    train(samples[:2], tmp_path / "plain", config, val_samples=samples[2:], progress=False)
+    train(samples[:2], tmp_path / "precise", dataclasses.replace(config, precise_bn=3), val_samples=samples[2:],
+          progress=False)  # fmt: skip
+    plain, precise = (load_model(tmp_path / name / "last").state_dict() for name in ("plain", "precise"))
+    statistics = [k for k in plain if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(not torch.equal(plain[k], precise[k]) for k in statistics)
+    assert all(torch.equal(plain[k], precise[k]) for k in plain if k not in statistics and "num_batches" not in k)
+    assert all(int(precise[k]) == 3 for k in precise if k.endswith("num_batches_tracked"))
+    with pytest.raises(InputError, match="precise_bn must be an integer >= 0, got -1"):
+        dataclasses.replace(config, precise_bn=-1)
+
+
 def test_border_recipe_trains_three_classes_and_its_model_makes_instances(tmp_path):
     from biounet import predict
     from biounet.model import load_model
@@ -556,7 +629,7 @@ def test_config_sections_hold_every_field_exactly_once():
     assert tuple(TrainConfig.SECTIONS) == TABLES
     listed = [name for names in TrainConfig.SECTIONS.values() for name in names]
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    assert len(listed) == len(set(listed)) == len(fields) == 34
+    assert len(listed) == len(set(listed)) == len(fields) == 36
     assert set(listed) == set(fields)
     assert TrainConfig.SECTIONS["optimization"] == ("optimizer", "lr", "momentum", "weight_decay", "schedule",
                                                      "warmup", "steps", "minutes")  # fmt: skip
@@ -567,7 +640,8 @@ def test_config_sections_hold_every_field_exactly_once():
     {},
     {"norm": None, "normalization": None, "minutes": 2.5, "tile": "auto"},
     {"lr": 1e-05, "weight_decay": 0.1 + 0.2, "dropout": 0.0, "w0": 0, "augment": False, "channels_last": False},
-    {"target": "border", "split": "border", "min_size": 12, "best_by": "v_rand", "color": "luminance"},
+    {"target": "border", "split": "border", "min_size": 12, "best_by": "v_rand", "color": "luminance",
+     "background": "dark"},
     {"tile": 204, "depth": 3, "padding": "same", "norm": "group", "seed": 2**63 - 1, "precision": "bfloat16"},
 ])  # fmt: skip
 def test_to_toml_round_trips_and_writes_the_tables(tmp_path, preset, overrides):
@@ -586,6 +660,7 @@ _FIELDS = {
     "padding": st.sampled_from(["valid", "same"]), "norm": st.sampled_from([None, "batch", "instance", "group"]),
     "dropout": st.floats(0, 1, exclude_max=True), "tile": st.one_of(st.just("auto"), _POSITIVE_INT),
     "batch_size": _POSITIVE_INT, "color": st.sampled_from(["keep", "luminance"]),
+    "background": st.sampled_from(["as-is", "dark"]), "precise_bn": st.integers(0, 1000),
     "normalization": st.one_of(st.none(), st.tuples(st.floats(0, 49.9), st.floats(50, 100))),
     "augment": st.booleans(), "elastic_std": _FINITE, "elastic_grid": st.integers(2, 9), "w0": _FINITE,
     "sigma": _FINITE, "dice": _FINITE, "optimizer": st.sampled_from(["sgd", "adam", "adamw"]),
@@ -651,6 +726,7 @@ _TABLES_LISTED = "the tables are network, data, augmentation, loss, optimization
     ("preset = 1\n", "preset must be a string ('paper' or 'fast'), got 1"),
     ("[network]\nbase_channels = 512\n", "TrainConfig: base_channels * 2**depth = 8192 channels"),
     ('[data]\ntarget = "border"\n', 'TrainConfig: target = "border" and split = "border" go together'),
+    ('[data]\nbackground = "bright"\n', "[data] background must be one of 'as-is', 'dark', got 'bright'"),
     ("lr = [", "cannot read training config"),
 ])  # fmt: skip
 def test_toml_errors_name_the_file_the_table_and_the_key(tmp_path, text, message):

@@ -214,6 +214,11 @@ class ModelInfo:
         as they are (the network's ``in_channels`` must match), ``"luminance"`` turns an RGB
         image into its luminance (:func:`biounet.io.to_luminance`), the conversion the model
         was trained with; gray images pass unchanged.
+    background : {"as-is", "dark"}
+        What normalisation does to an image's polarity (``background`` of
+        :func:`biounet.io.normalize_percentile`): ``"dark"`` inverts images with a bright
+        background (dark objects on a bright one, as in brightfield and H&E), as the model
+        was trained.
     """
 
     normalization: tuple[float, float] | None = (1.0, 99.8)
@@ -221,10 +226,13 @@ class ModelInfo:
     postprocess: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     color: str = "keep"
+    background: str = "as-is"
 
     def __post_init__(self) -> None:
+        from biounet.io._intensity import check_background
         from biounet.postprocess import check_postprocess
 
+        check_background(self.background)
         if self.color not in COLOR_CONVERSIONS:
             raise InputError(f"color must be one of {', '.join(COLOR_CONVERSIONS)}, got {self.color!r}")
         if self.normalization is not None:
@@ -247,6 +255,7 @@ class ModelInfo:
             "class_names": list(self.class_names),
             "postprocess": dict(self.postprocess),
             "color": self.color,
+            "background": self.background,
             "provenance": dict(self.provenance),
         }
 
@@ -257,7 +266,8 @@ class ModelInfo:
         if norm is not None and not (isinstance(norm, list) and len(norm) == 2
                                      and all(_is_number(v) for v in norm)):  # fmt: skip
             raise InputError(f"normalization must be null or [low, high] percentiles, got {norm!r}")
-        for name, kind in (("class_names", list), ("postprocess", dict), ("provenance", dict), ("color", str)):
+        for name, kind in (("class_names", list), ("postprocess", dict), ("provenance", dict), ("color", str),
+                           ("background", str)):  # fmt: skip
             if name in data and not isinstance(data[name], kind):
                 raise InputError(f"{name} must be a JSON {'array' if kind is list else 'object' if kind is dict else 'string'}, "
                                  f"got {data[name]!r}")  # fmt: skip
@@ -267,6 +277,7 @@ class ModelInfo:
             postprocess=dict(data.get("postprocess", {})),
             provenance=dict(data.get("provenance", {})),
             color=data.get("color", "keep"),
+            background=data.get("background", "as-is"),
         )
 
 

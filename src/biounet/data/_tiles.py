@@ -13,7 +13,7 @@ from biounet.borders import mirror_indices
 from biounet.data._samples import Sample, TargetKind
 from biounet.data._weights import weight_map
 from biounet.errors import InputError
-from biounet.io._intensity import normalize_percentile
+from biounet.io._intensity import Background, normalize_percentile
 
 Pick = Literal["images", "pixels"]
 TargetWindow = Literal["output", "input"]
@@ -153,6 +153,9 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
         Percentiles mapped to 0 and 1 per image and channel by
         :func:`biounet.io.normalize_percentile` (as the predictor does), or None for raw
         values as float32.
+    background : {"as-is", "dark"}
+        With ``"dark"``, images with a bright background are inverted after normalisation
+        (``background`` of :func:`biounet.io.normalize_percentile`).
     weight_fn : callable
         ``weight_fn(labels) -> (H, W)`` loss weights, computed once per sample. Default: the
         paper's eq. 2, :func:`biounet.data.weight_map` with ``w0=10, sigma=5`` and
@@ -180,6 +183,7 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
         seed: int = 0,
         pick: Pick = "images",
         normalization: tuple[float, float] | None = (1.0, 99.8),
+        background: Background = "as-is",
         weight_fn: Callable[[np.ndarray], np.ndarray] = weight_map,
         progress: bool = False,
     ) -> None:
@@ -201,7 +205,7 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
             raise InputError(f"samples differ in channels {sorted(channels)}; load them with as_gray=True")
         self.output_size, self.halo = out, ((inp[0] - out[0]) // 2, (inp[1] - out[1]) // 2)
         self.targets, self.length, self.seed, self.epoch = targets, length, seed, 0
-        self._images = [_channels_first(s.image, normalization) for s in samples]
+        self._images = [_channels_first(s.image, normalization, background) for s in samples]
         self._targets = [s.class_target(kind) for s in samples]
         self._weights = [
             np.asarray(weight_fn(s.separated), dtype=np.float32)
@@ -238,9 +242,11 @@ def as_pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _channels_first(image: np.ndarray, normalization: tuple[float, float] | None) -> np.ndarray:
+def _channels_first(
+    image: np.ndarray, normalization: tuple[float, float] | None, background: Background = "as-is"
+) -> np.ndarray:
     """``(C, H, W)`` float32 copy of an ``(H, W)`` or ``(H, W, C)`` image, optionally normalised."""
     image = image[np.newaxis] if image.ndim == 2 else np.moveaxis(image, -1, 0)
     if normalization is None:
         return np.ascontiguousarray(image, dtype=np.float32)
-    return normalize_percentile(image, *normalization, axis=(1, 2))
+    return normalize_percentile(image, *normalization, axis=(1, 2), background=background)

@@ -67,6 +67,12 @@ def write_bioimageio(
     from biounet.io._files import atomic_folder, atomic_write
 
     check_license(license)
+    if model.info.background != "as-is":
+        raise InputError(f"model: it inverts images with a bright background (background = "
+                         f"{model.info.background!r}), a choice made per image that bioimage.io's preprocessing "
+                         f"cannot express; export it as torchscript or onnx, and invert such images before the "
+                         f"network (biounet.io.normalize_percentile with background='dark' does)",
+                         option="model")  # fmt: skip
     if model.info.normalization is not None and model.info.normalization[1] <= 1.0:
         raise InputError(f"model: bioimage.io's scale_range needs an upper percentile above 1, and this model "
                          f"normalises with percentiles {list(model.info.normalization)}", option="model")  # fmt: skip
@@ -270,7 +276,7 @@ def make_test_probabilities(model: UNet, image: np.ndarray, geometry: Geometry) 
         channels = (image[0], None) if config.in_channels == 1 else (image, 0)
         context = [(config.halo, config.halo)] * config.dims
         return predict(model, channels[0], options=options, channel_axis=channels[1], context=context)
-    items = normalize_items(image[None], model.info.normalization)
+    items = normalize_items(image[None], model.info.normalization, background=model.info.background)
     with torch.inference_mode():
         return ExportedNetwork(model, softmax=True)(torch.from_numpy(items))[0].numpy()
 

@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     "write_png": "_images",
     "write_tiff": "_images",
     "write_tiff_tiled": "_images",
+    "BACKGROUNDS": "_intensity",
+    "has_bright_background": "_intensity",
     "normalize_percentile": "_intensity",
     "rescale_intensity": "_intensity",
     "to_uint8": "_intensity",
@@ -63,7 +65,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         write_tiff,
         write_tiff_tiled,
     )
-    from biounet.io._intensity import normalize_percentile, rescale_intensity, to_uint8  # noqa: F401
+    from biounet.io._intensity import (  # noqa: F401
+        BACKGROUNDS,
+        has_bright_background,
+        normalize_percentile,
+        rescale_intensity,
+        to_uint8,
+    )
     from biounet.io._lazy import (  # noqa: F401
         MAX_EXACT_PERCENTILE_PIXELS,
         LazyImage,

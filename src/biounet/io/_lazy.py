@@ -14,6 +14,7 @@ import numpy as np
 import zarr
 
 from biounet.errors import InputError
+from biounet.io._intensity import Background, check_background, oriented_range
 from biounet.io._pixel_size import ngff_unit, tiff_pixel_size
 from biounet.io._zarr import is_zarr
 
@@ -164,8 +165,9 @@ def _open_zarr(path: Path) -> LazyImage:
 
 
 def intensity_percentiles(
-    items: da.Array, low: float, high: float, *, max_pixels: int = MAX_EXACT_PERCENTILE_PIXELS
-) -> np.ndarray:
+    items: da.Array, low: float, high: float, *, max_pixels: int = MAX_EXACT_PERCENTILE_PIXELS,
+    background: Background = "as-is",
+) -> np.ndarray:  # fmt: skip
     """The ``low`` and ``high`` percentiles of every item and channel of (items, channels, *spatial).
 
     The values equal ``numpy.percentile`` (linear interpolation) over each whole item and
@@ -174,6 +176,10 @@ def intensity_percentiles(
     chunk (exact at any size); other types exactly up to ``max_pixels`` pixels, beyond that
     on the regular sub-grid with step ``ceil((n / max_pixels) ** (1 / d))`` along each of the
     ``d`` spatial axes (a deterministic sample of at most ``max_pixels`` pixels).
+    With ``background="dark"`` the pair is swapped, ``(high, low)``, for an item and channel
+    whose background is bright (:func:`biounet.io.has_bright_background`, from its median):
+    :func:`biounet.io.rescale_intensity` then inverts it, as
+    :func:`biounet.io.normalize_percentile` does.
 
     Returns
     -------
@@ -183,19 +189,28 @@ def intensity_percentiles(
         raise InputError(f"intensity_percentiles: need 0 <= low < high <= 100, got low={low}, high={high}")
     if items.ndim < 3:
         raise InputError(f"intensity_percentiles: items must be (items, channels, *spatial), got shape {items.shape}")
+    check_background(background)
+    quantiles = (low, 50.0, high)
     if items.dtype.kind in "biu" and items.dtype.itemsize <= 2:
-        return _percentiles_from_histogram(items, (low, high))
+        values = _percentiles_from_histogram(items, quantiles)
+    else:
+        values = _percentiles_of_sample(items, quantiles, max_pixels)
+    lo, hi = oriented_range(values[..., 0], values[..., 1], values[..., 2], background)
+    return np.stack([lo, hi], axis=-1)
+
+
+def _percentiles_of_sample(items: da.Array, quantiles: Sequence[float], max_pixels: int) -> np.ndarray:
     pixels = math.prod(items.shape[2:])
     step = math.ceil((pixels / max_pixels) ** (1 / (items.ndim - 2)) - 1e-9) if pixels > max_pixels else 1
     if step > 1:
         log.info("percentiles from a grid sample with step %d (%d px per item and channel)", step, pixels)
-    out = np.empty((*items.shape[:2], 2))
+    out = np.empty((*items.shape[:2], len(quantiles)))
     for n in range(items.shape[0]):
         sample = items[(n, slice(None), *(slice(None, None, step),) * (items.ndim - 2))].compute()
         sample = sample.reshape(sample.shape[0], -1).astype(np.float32, copy=False)
         if not np.isfinite(sample).all():
             raise InputError("image: has NaN or infinite pixels")
-        out[n] = np.percentile(sample, [low, high], axis=1).T
+        out[n] = np.percentile(sample, list(quantiles), axis=1).T
     return out
 
 
@@ -208,7 +223,7 @@ def _percentiles_from_histogram(items: da.Array, quantiles: Sequence[float]) -> 
         chunks=(*items.chunks[:2], *((1,) * len(c) for c in items.chunks[2:]), (bins,)),
     ).sum(axis=tuple(range(2, 2 + spatial))).compute()  # fmt: skip
     values = np.arange(int(info.min), int(info.max) + 1, dtype=np.float64)
-    out = np.empty((*items.shape[:2], 2))
+    out = np.empty((*items.shape[:2], len(quantiles)))
     for index in np.ndindex(*items.shape[:2]):
         out[index] = [_percentile_of_histogram(counts[index], values, q) for q in quantiles]
     return out

@@ -114,8 +114,9 @@ def predict_dask(
         each chunk; ``tta`` is not available here and ``progress`` is ignored.
     intensity_range : array_like, optional
         ``(low, high)`` intensities (or one pair per channel) that the model's percentiles
-        map to 0 and 1. Default: measured over the whole image first
-        (:func:`intensity_percentiles`, one pass over the image).
+        map to 0 and 1 (``low > high`` inverts). Default: measured over the whole image
+        first (:func:`intensity_percentiles`, one pass over the image, with the model's
+        ``background``).
 
     Returns
     -------
@@ -144,7 +145,7 @@ def _ranges(model: UNet, items: da.Array, intensity_range: Any) -> np.ndarray | 
     if model.info.normalization is None:
         return None
     if intensity_range is None:
-        return intensity_percentiles(items, *model.info.normalization)
+        return intensity_percentiles(items, *model.info.normalization, background=model.info.background)
     values = check_intensity_range(intensity_range, items.shape[1])
     return np.broadcast_to(values, (items.shape[0], *values.shape))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from biounet.errors import InputError
-from biounet.io._intensity import normalize_percentile, rescale_intensity
+from biounet.io._intensity import Background, normalize_percentile, rescale_intensity
 from biounet.model import UNet, UNetConfig
 
 
@@ -55,20 +55,24 @@ def as_model_input(image: np.ndarray, config: UNetConfig, channel_axis: int | No
 
 
 def normalize_items(
-    items: np.ndarray, normalization: tuple[float, float] | None, intensity_range: np.ndarray | None = None
-) -> np.ndarray:
+    items: np.ndarray, normalization: tuple[float, float] | None, intensity_range: np.ndarray | None = None,
+    background: Background = "as-is",
+) -> np.ndarray:  # fmt: skip
     """Percentile-normalise each item and channel of (items, channels, *spatial) on its own.
 
-    With ``intensity_range`` (``(channels, 2)``: the low and high percentile values per
-    channel, measured beforehand, e.g. over a whole image that is predicted chunk by
-    chunk) those values are used instead of the percentiles of ``items``:
-    ``(x - low) / max(high - low, 1e-12)`` as in :func:`biounet.io.normalize_percentile`.
+    ``background`` is the model's (:attr:`biounet.ModelInfo.background`): ``"dark"`` inverts
+    the items with a bright background, as :func:`biounet.io.normalize_percentile` does. With
+    ``intensity_range`` (``(channels, 2)``: the values to map to 0 and 1 per channel,
+    measured beforehand, e.g. over a whole image that is predicted chunk by chunk, and
+    already swapped where an image is to be inverted) those values are used instead of the
+    percentiles of ``items``: ``(x - low) / (high - low)`` as in
+    :func:`biounet.io.rescale_intensity`.
     """
     if normalization is None:
         return items
     if intensity_range is None:
         spatial = tuple(range(2, items.ndim))
-        return normalize_percentile(items, normalization[0], normalization[1], axis=spatial)
+        return normalize_percentile(items, normalization[0], normalization[1], axis=spatial, background=background)
     shape = (1, -1) + (1,) * (items.ndim - 2)
     low, high = (np.asarray(intensity_range, np.float64)[:, k].reshape(shape) for k in (0, 1))
     return rescale_intensity(items, low, high)

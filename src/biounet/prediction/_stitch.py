@@ -176,7 +176,7 @@ def predict_steps(
             image, channel_axis = to_luminance(np.asarray(image), "image", axis=channel_axis), None
     items, stacked = as_model_input(image, config, channel_axis)
     ranges = check_intensity_range(intensity_range, config.in_channels)
-    items = normalize_items(items, model.info.normalization, ranges)
+    items = normalize_items(items, model.info.normalization, ranges, model.info.background)
     forward = model_forward(model, device, precision, options.compile)
     for step in stitch_steps(forward, items, config, tile=options.tile, batch_size=options.batch_size,
                              tta=options.tta, context=context, full_batches=bool(options.compile)):  # fmt: skip
@@ -279,8 +279,10 @@ def predict(
     intensity_range : array_like, optional
         The intensities that the model's normalisation percentiles map to 0 and 1,
         ``(low, high)`` or one pair per channel ``(channels, 2)``, measured beforehand (e.g.
-        over a whole image that is predicted in chunks, see :mod:`biounet.prediction`).
-        Default: the percentiles of each image (and channel) given.
+        over a whole image that is predicted in chunks, see :mod:`biounet.prediction`);
+        ``low > high`` inverts the image. Default: the percentiles of each image (and
+        channel) given, swapped where the model inverts bright-background images
+        (:attr:`biounet.ModelInfo.background`).
     context : sequence of (int, int), optional
         Pixels ``(before, after)`` per spatial axis of real image context that ``image``
         carries around the region to predict; the result covers the region only. With

@@ -13,6 +13,7 @@ from biounet._exports import lazy_exports
 _EXPORTS: dict[str, str] = {
     "AUTO_TILE_MAX": "_budget",
     "AUTO_TILE_MEMORY_SHARE": "_budget",
+    "recompute_batch_norm": "_batch_norm",
     "BUDGET_PROBE_STEPS": "_budget",
     "auto_tile": "_budget",
     "largest_tile_within": "_budget",
@@ -45,6 +46,7 @@ __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from biounet.training._batch_norm import recompute_batch_norm  # noqa: F401
     from biounet.training._budget import (  # noqa: F401
         AUTO_TILE_MAX,
         AUTO_TILE_MEMORY_SHARE,

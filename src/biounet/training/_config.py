@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from biounet.errors import InputError
+from biounet.io._intensity import Background
 from biounet.model import MAX_CHANNELS, ModelInfo, UNet, UNetConfig
 
 Optimizer = Literal["sgd", "adam", "adamw"]
@@ -56,9 +57,16 @@ class TrainConfig:
     ``best`` model: ``"v_rand"`` (ISBI 2012, for membrane models), ``"ap"`` (object AP at
     IoU 0.5, for instance models) or ``"iou"`` (foreground IoU). ``color = "luminance"``
     trains on the luminance of colour images and makes the model convert colour inputs the
-    same way at prediction. ``target = "border"`` trains 3 classes (background, cell
-    interior, cell border: :meth:`biounet.data.Sample.class_target`) instead of the
-    paper's 2, and goes with ``split = "border"``: objects grow from the interiors.
+    same way at prediction. ``precise_bn = N`` recomputes the BatchNorm layers' running
+    statistics as a plain average over ``N`` batches of training tiles (not augmented) before
+    every validation and before the last model is saved
+    (:func:`biounet.training.recompute_batch_norm`; 0: the moving averages of training as
+    they are). ``background = "dark"`` inverts the images with a bright background after
+    normalisation (:func:`biounet.io.has_bright_background`: brightfield and H&E beside
+    fluorescence), for training and, stored with the model, at prediction.
+    ``target = "border"`` trains 3 classes (background, cell interior, cell border:
+    :meth:`biounet.data.Sample.class_target`) instead of the paper's 2, and goes with
+    ``split = "border"``: objects grow from the interiors.
 
     The fields are flat (``config.lr``) and also grouped into TOML tables, :attr:`SECTIONS`
     (``[optimization] lr``): :meth:`from_toml` reads either form, :meth:`to_toml` writes the
@@ -70,12 +78,12 @@ class TrainConfig:
     #: them; every field is in exactly one table.
     SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
         "network": ("depth", "base_channels", "padding", "norm", "dropout"),
-        "data": ("tile", "batch_size", "normalization", "color", "target"),
+        "data": ("tile", "batch_size", "normalization", "color", "background", "target"),
         "augmentation": ("augment", "elastic_std", "elastic_grid"),
         "loss": ("w0", "sigma", "dice"),
         "optimization": ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "steps", "minutes"),
         "postprocess": ("split", "min_size"),
-        "run": ("val_every", "checkpoint_every", "best_by", "seed", "deterministic", "precision", "compile",
+        "run": ("val_every", "precise_bn", "checkpoint_every", "best_by", "seed", "deterministic", "precision", "compile",
                 "channels_last"),
     }  # fmt: skip
 
@@ -108,6 +116,7 @@ class TrainConfig:
     min_size: int = 0
     # bookkeeping
     val_every: int = 500
+    precise_bn: int = 0
     checkpoint_every: int = 100
     seed: int = 0
     deterministic: bool = False
@@ -117,6 +126,7 @@ class TrainConfig:
     minutes: float | None = None
     best_by: BestBy = "ap"
     color: Color = "keep"
+    background: Background = "as-is"
 
     def __post_init__(self) -> None:
         if isinstance(self.normalization, list | tuple):  # one form, however it was given
@@ -241,7 +251,7 @@ class TrainConfig:
 #: Fields that must be positive integers (``tile`` may also be ``"auto"``).
 _POSITIVE = ("depth", "base_channels", "batch_size", "steps", "val_every", "checkpoint_every", "tile")
 #: Fields with a fixed set of string values (the values: their ``Literal`` annotations).
-_CHOICES = ("optimizer", "schedule", "split", "precision", "best_by", "color")
+_CHOICES = ("optimizer", "schedule", "split", "precision", "best_by", "color", "background")
 #: Fields that must be finite numbers >= 0.
 _AT_LEAST_ZERO = ("w0", "sigma", "elastic_std", "dice", "weight_decay", "warmup")
 #: The deepest network (:class:`UNetConfig`: up to 8 poolings).
@@ -269,7 +279,7 @@ def _value_problem(name: str, value: Any) -> str | None:
         choices = typing.get_args(_hints()[name])
         if value not in choices:
             return f"must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got {value!r}"
-    elif name == "min_size" and (not isinstance(value, int) or value < 0):
+    elif name in ("min_size", "precise_bn") and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         return f"must be an integer >= 0, got {value!r}"
     elif name == "lr" and not (isinstance(value, int | float) and value > 0):
         return f"must be > 0, got {value!r}"

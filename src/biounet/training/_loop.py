@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from biounet.device import check_device
 from biounet.errors import InputError, TrainingError
 from biounet.model import ModelInfo, UNet
+from biounet.training._batch_norm import batch_norm_layers, recompute_batch_norm
 from biounet.training._budget import BUDGET_PROBE_STEPS, auto_tile, plan_steps
 from biounet.training._checkpoint import (
     CHECKPOINT,
@@ -40,6 +42,9 @@ from biounet.training._optim import lr_factor, make_optimizer
 from biounet.training._validation import VALIDATION_SCORES, evaluate_samples
 
 log = logging.getLogger(__name__)
+#: The tiles of ``precise_bn`` are drawn with seed ``config.seed * 1000 + PRECISE_BN_SEED``; a rank's training
+#: tiles use ``config.seed * 1000 + rank``.
+PRECISE_BN_SEED = 999
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ def train_steps(
     timed steps the number of steps is fixed (:func:`plan_steps`); validation every
     ``val_every`` steps keeps the best model; a row of the log; a checkpoint every
     ``checkpoint_every`` steps (none before the budget is fixed, so a resumed run is exact).
+    With ``precise_bn``, the BatchNorm statistics are recomputed before every validation and
+    before the last model is saved (:func:`_precise_bn`); the weights never see it.
     The run is built by :func:`_start_run`. Tiles are fetched in this process, not by
     DataLoader workers: the fetch is 1 ms of a 138 ms CPU step and a worker's hand-over costs
     3 ms (``benchmarks/dataloader.py``, ``docs/benchmarks.md``); the augmentation, the larger
@@ -133,6 +140,8 @@ def train_steps(
                 planned = True
             elif run.val_samples and (step % run.config.val_every == 0 or step == run.config.steps) and run.rank == 0:
                 metrics = _validate(run, step)
+            elif step == run.config.steps:
+                _precise_bn(run)  # the last model, without validation (or on another rank) but with its statistics
             row.update({f"val_{k}": v for k, v in metrics.items()})
             if run.rank == 0:
                 run.csv_log.write(row)
@@ -170,6 +179,8 @@ class _Run:
     val_samples: list[Any]
     csv_log: Any
     events: Any
+    #: Tiles for :func:`_precise_bn` (not augmented), or None when ``precise_bn`` is 0.
+    bn_tiles: Any = None
     start: int = 0
     best: float = -math.inf
     best_step: int = 0
@@ -222,7 +233,7 @@ def _start_run(
     # ---- model, optimiser, schedule ----------------------------------------------------------
     class_names = ("background", "cell") if config.target == "binary" else ("background", "interior", "border")
     info = ModelInfo(normalization=config.normalization, class_names=class_names,
-                     postprocess=config.postprocess, color=config.color,
+                     postprocess=config.postprocess, color=config.color, background=config.background,
                      provenance={"recipe": dataclasses.asdict(config), "data": _names(samples)})  # fmt: skip
     model = config.model(in_channels, len(class_names), info).to(device_)
     if config.channels_last:
@@ -239,9 +250,14 @@ def _start_run(
     tiles = TileDataset(
         samples, tile_in, tile_out, targets="input", kind=config.target, length=(config.steps if config.minutes is None else 10**9) * config.batch_size,
         seed=config.seed * 1000 + rank,
-        normalization=config.normalization,
+        normalization=config.normalization, background=config.background,
         weight_fn=lambda labels: weight_map(labels, w0=config.w0, sigma=config.sigma),
     )  # fmt: skip
+    bn_tiles = None
+    if config.precise_bn and batch_norm_layers(model):  # images only: no weight maps
+        bn_tiles = TileDataset(samples, tile_in, tile_out, kind=config.target, length=config.precise_bn * config.batch_size,
+                               seed=config.seed * 1000 + PRECISE_BN_SEED, normalization=config.normalization,
+                               background=config.background, weight_fn=lambda labels: np.zeros(labels.shape, np.float32))  # fmt: skip
     crop = (tile_in - tile_out) // 2
     run = _Run(
         config=config, run_dir=run_dir, device=device_, rank=rank, world=world, model=model,
@@ -250,7 +266,7 @@ def _start_run(
                                     elastic_grid=(config.elastic_grid,) * 2),
         # augmentation draws on the training device (no per-step host-to-device copies of noise and grids)
         generator=torch.Generator(device=device_).manual_seed(config.seed * 1000 + rank),
-        inner=slice(crop, crop + tile_out), val_samples=val_samples, csv_log=None, events=None,
+        inner=slice(crop, crop + tile_out), val_samples=val_samples, csv_log=None, events=None, bn_tiles=bn_tiles,
     )  # fmt: skip
     # the schedule reads the run's config at every step: a time budget's planned steps, once fixed
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, run.config))
@@ -301,8 +317,27 @@ def _train_step(run: _Run, step: int) -> float:
     return loss.item()
 
 
+def _precise_bn(run: _Run) -> None:
+    """Recompute the BatchNorm statistics over ``precise_bn`` batches of the run's own tiles (:mod:`._batch_norm`).
+
+    The same tiles every time, drawn from a seed of their own, in the run's precision and memory format:
+    every rank gets the same statistics, and a resumed run the same as an uninterrupted one.
+    """
+    if run.bn_tiles is None:
+        return
+    config, n = run.config, run.config.batch_size
+
+    def batches() -> Iterator[torch.Tensor]:
+        for b in range(config.precise_bn):
+            image = torch.stack([run.bn_tiles[b * n + i].image for i in range(n)]).to(run.device)
+            yield image.contiguous(memory_format=torch.channels_last) if config.channels_last else image
+
+    recompute_batch_norm(run.model, batches(), bfloat16=config.precision == "bfloat16")
+
+
 def _validate(run: _Run, step: int) -> dict[str, float]:
-    """Score on the validation images; keep the best model by ``config.best_by``."""
+    """Score on the validation images (after :func:`_precise_bn`); keep the best model by ``config.best_by``."""
+    _precise_bn(run)
     config, model = run.config, run.model
     metrics = evaluate_samples(model, run.val_samples, device=run.device, v_rand=config.best_by == "v_rand")
     if metrics[config.best_by] > run.best:
