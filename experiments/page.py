@@ -15,6 +15,7 @@ import numpy as np
 
 from common import (
     ABLATIONS, DATASETS, EM_DIR, EM_METRICS, LABELS, N_FOLDS, NUCLEI_DIR, NUCLEI_METRICS, NUCLEI_ONLY, PAPER_EM, PEERS,
+    SEED_VARIANTS,
     VARIANTS,
     markdown_table, mean_nuclei_scores, mean_spread, minutes,
 )  # fmt: skip
@@ -206,7 +207,9 @@ def _nuclei_section(record: dict, meta: dict, figure: str | None) -> list[str]:
 def _ablation_section(results: dict[str, Any]) -> list[str]:
     lines = ["## Ablations", "",
              "Each row changes one thing against the baseline (one setting, or the fields that make it, named in "
-             "the row), on the same folds or split, with the same budget and seeds (`configs/ablation-*.toml`); "
+             "the row), on the same folds or split, with the same budget and seeds (`configs/ablation-*.toml`), "
+             "but for the rows that change the seed: their spread is the run-to-run noise that a difference "
+             "between rows must exceed; "
              "the baseline row is its mean over the folds the ablations ran on. The TTA ablation is the baseline's "
              "with/without-TTA pair above. "
              "*Seam* is the largest difference of p(cell) on the first held-out slice between prediction tiled at "
@@ -230,7 +233,29 @@ def _ablation_section(results: dict[str, Any]) -> list[str]:
                 rows.append([change, *nuclei_row(v, results["nuclei"][v]["plain"])[1:]])
         header = ["change", *(["folds", *EM_HEADER[1:], "seam"] if dataset == "em" else NUCLEI_HEADER[1:])]
         lines += [f"**{TITLES[dataset]}**", "", markdown_table(header, rows), ""]
+        lines += _seed_spread(results, dataset)
     return lines
+
+
+def _seed_spread(results: dict[str, Any], dataset: str) -> list[str]:
+    """One line per recipe trained with several seeds: its score for each seed, their mean and range."""
+    name, score = ("V_rand", "v_rand") if dataset == "em" else ("AP @ 0.5", "ap")
+    lines = []
+    for base, others in SEED_VARIANTS.items():
+        runs = [v for v in (base, *others) if v in results[dataset]]
+        if len(runs) < 2:
+            continue
+        if dataset == "em":  # the fold the seed rows ran on
+            folds = {r["key"]["fold"] for v in runs[1:] for r in results["em"][v]}
+            values = [r["plain"][score] for v in runs for r in results["em"][v] if r["key"]["fold"] in folds]
+        else:
+            values = [float(np.mean([i[score] for i in results["nuclei"][v]["plain"]])) for v in runs]
+        seeds = ", ".join(str(results[dataset][v][0]["key"]["config"]["seed"] if dataset == "em"
+                              else results[dataset][v]["key"]["config"]["seed"]) for v in runs)  # fmt: skip
+        lines.append(f"- {'the baseline' if base == 'unet' else f'`{base}`'}, seeds {seeds}: {name} "
+                     f"{', '.join(f'{x:.3f}' for x in values)} (mean {np.mean(values):.3f}, range "
+                     f"{min(values):.3f}-{max(values):.3f})")  # fmt: skip
+    return lines + [""] if lines else []
 
 
 def _peer_section(results: dict[str, Any]) -> list[str]:
