@@ -43,8 +43,11 @@ def normalize_percentile(
     data = image.astype(np.float32, copy=False)
     if not np.isfinite(data).all():
         raise InputError("normalize_percentile: the image has NaN or infinite pixels")
-    lo, median, hi = np.percentile(data, [low, 50.0, high], axis=axis, keepdims=axis is not None)
-    lo, hi = oriented_range(lo, median, hi, background)
+    if background == "as-is":  # no median needed
+        lo, hi = np.percentile(data, [low, high], axis=axis, keepdims=axis is not None)
+    else:
+        lo, median, hi = np.percentile(data, [low, 50.0, high], axis=axis, keepdims=axis is not None)
+        lo, hi = oriented_range(lo, median, hi, background)
     return rescale_intensity(data, lo, hi)
 
 
