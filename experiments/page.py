@@ -36,7 +36,23 @@ def config_summary(config: dict[str, Any]) -> str:
         f"w0 {config['w0']}, sigma {config['sigma']}, "
         f"elastic std {config['elastic_std']} px on a {grid}x{grid} grid, post-processing split "
         f"\"{config.get('split', 'none')}\", objects under {config.get('min_size', 0)} px removed"
+        + _extras(config)
     )
+
+
+def _extras(config: dict[str, Any]) -> str:
+    """The fields added after the first records, named where they are not at their defaults."""
+    extras = []
+    if config.get("background", "as-is") != "as-is":
+        extras.append(f"background \"{config['background']}\" (bright-background images inverted)"
+                      if config["background"] == "dark" else f"background \"{config['background']}\"")  # fmt: skip
+    if config.get("target", "binary") != "binary":
+        extras.append(f"target \"{config['target']}\"")
+    if config.get("precise_bn"):
+        extras.append(f"precise BN over {config['precise_bn']} batches")
+    if config.get("best_margin"):
+        extras.append(f"best by {config.get('best_by', 'ap')} with margin {config['best_margin']:g}")
+    return "".join(f", {e}" for e in extras)
 
 
 def _precision(precision: str) -> str:
@@ -100,7 +116,9 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"{minutes(meta['train_seconds'])}, prediction and scoring {minutes(meta['score_seconds'])}. This "
         f"invocation trained {meta['trained_now']} model(s) in {minutes(meta['wall_seconds'])} and reused "
         f"{meta['reused']} from earlier invocations with identical settings.",
-        f"- Hardware: {hw['cpu']}; load average at start {hw['load']}{gpu}; device `{hw['device']}`",
+        f"- Hardware of this invocation: {hw['cpu']}; load average at start {hw['load']}{gpu}; device "
+        f"`{hw['device']}`. Records reused from earlier invocations may come from another machine: *What ran* "
+        "names each model's; only rows made on the same machine compare at equal minutes.",
         f"- Software: Python {hw['python']}, torch {hw['torch']}{monai}",
         *(f"- Recipe, {TITLES[d]} (`{meta['preset']}` preset + `configs/{d}.toml`): {config_summary(c)}"
           for d, c in meta["configs"].items()),
@@ -119,11 +137,12 @@ def _what_ran(results: dict[str, Any]) -> list[str]:
             where = (f"folds {', '.join(str(r['key']['fold']) for r in records)}" if dataset == "em"
                      else f"{len(key['train'])} train / {len(key['test'])} validation images")  # fmt: skip
             steps = [r.get("steps_run", r["key"]["config"]["steps"]) for r in records]
+            machines = dict.fromkeys(r.get("trained", {}).get("hardware", "not recorded") for r in records)
             rows.append([TITLES[dataset], LABELS[variant], where, budget(key["config"]),
                          f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}",
                          f"{records[0]['parameters']:,}", minutes(sum(seconds)),
-                         minutes(float(np.mean(seconds)))])  # fmt: skip
-    header = ["data", "model", "trained on", "budget", "steps", "parameters", "training time", "per model"]
+                         minutes(float(np.mean(seconds))), "; ".join(machines)])  # fmt: skip
+    header = ["data", "model", "trained on", "budget", "steps", "parameters", "training time", "per model", "machine"]
     lines = ["### What ran", "", markdown_table(header, rows), ""]
     skipped = list(dict.fromkeys(name.rsplit("/fold", 1)[0] for name in meta["skipped"]))
     if skipped:
@@ -297,8 +316,9 @@ def _selection_section(results: dict[str, Any]) -> list[str]:
     lines = ["## Model selection: best against last", "",
              f"Each U-Net held out {results['meta']['select']:.0%} of its training images (rounded up) and was "
              "validated on them every `val_every` steps; `best` is the model with the highest validation score of "
-             "its task (`best_by`: V_rand for EM, AP @ 0.5 for nuclei), `last` the final one. Both are scored on "
-             "the same held-out fold or split as above, without TTA.", ""]  # fmt: skip
+             "its task (`best_by`: V_rand for EM, AP @ 0.5 for nuclei), or a later one at most `best_margin` below "
+             "it (the recipe line above names the margin where it is not 0), `last` the final one. Both are scored "
+             "on the same held-out fold or split as above, without TTA.", ""]  # fmt: skip
     em = [r for r in results["em"].get("unet", []) if "best" in r]
     if em:
         rows = [[r["key"]["fold"], r.get("best_step", "–"), r["steps_run"],
@@ -434,8 +454,17 @@ def model_card(name: str, job_name: str, record: dict, provenance: dict, results
         "`tests/test_shipped_models.py`.", "",
         markdown_table(header, rows), "", caveat, "",
         "## Limits", "", *(f"- {item}" for item in limits), "",
-        "## Use", "", "```", f"biounet predict --model {name} IMAGE -o OUT", "```", "",
+        "## Use", "", "```", f"biounet predict --model {name} IMAGE -o OUT", *_export_lines(name, key["config"]), "```",
+        "",
     ])  # fmt: skip
+
+
+def _export_lines(name: str, config: dict) -> list[str]:
+    """The card's export commands: a model that inverts bright backgrounds needs one package per kind of image."""
+    if config.get("background") != "dark":
+        return [f"biounet export {name} -o {name}.zip"]
+    return [f"biounet export {name} -o {name}-fluorescence.zip --background dark    # bright nuclei, dark background",
+            f"biounet export {name} -o {name}-brightfield.zip --background bright  # dark nuclei, bright background"]
 
 
 def _final_data_and_estimate(key: dict, evaluation: dict, results: dict) -> tuple[str, str]:

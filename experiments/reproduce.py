@@ -20,7 +20,9 @@ Every trained model lands in ``--out`` (default ``runs/reproduce``) with a ``rec
 its scores; a rerun with the same settings reuses them, so an interrupted run continues
 where it stopped (a U-Net killed mid-training resumes from its last checkpoint, exactly; its
 ``key.json`` says which settings it was started with) and the page can be rewritten
-without training. The page
+without training. A copy of every record is kept in ``experiments/records/<name of --out>/``
+(``--records``), which is committed: on a fresh clone the page is rewritten from it, and
+only the figures and shipped models need the run folder's models. The page
 (``docs/results.md``), its figures (``docs/images/results_*.png``) and, with ``--ship``, the
 shipped models and their cards are written by this script only.
 
@@ -84,6 +86,8 @@ log = logging.getLogger("reproduce")
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
+#: Records kept in the repository (``--records``), by run folder name.
+RECORDS = ROOT / "experiments" / "records"
 QUICK = {"steps": 2, "folds": "0,1", "crop": 128, "nuclei_per_category": (2, 1), "sets": ("tile=124", "batch_size=2")}
 SHIP_LIMIT_BYTES = 25 * 2**20
 
@@ -155,7 +159,7 @@ def seam_error(model: UNet, image: np.ndarray, config: TrainConfig, device: str)
 
 #: TrainConfig fields added after records were made: left out of a record's key at their
 #: default, so the records of runs that could not have set them stay valid.
-KEY_OMITS_AT_DEFAULT = {"target": "binary", "background": "as-is", "precise_bn": 0}
+KEY_OMITS_AT_DEFAULT = {"target": "binary", "background": "as-is", "precise_bn": 0, "best_margin": 0.0}
 
 
 def _key(job: Job, crop: int | None) -> dict[str, Any]:
@@ -181,25 +185,40 @@ def _write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def cached_record(job: Job, crop: int | None) -> dict[str, Any] | None:
-    """The job's ``record.json`` if it was made with the same settings, else None."""
-    record_path = job.run_dir / "record.json"
-    if not record_path.is_file():
-        return None
-    record = json.loads(record_path.read_text())
-    return record if record.get("key") == _key(job, crop) else None
+def stored_record_path(job: Job, store: Path) -> Path:
+    """Where ``store`` (``--records``) keeps the job's record: ``<store>/<dataset>/<variant>[/fold<k>].json``."""
+    return store / f"{job.name}.json"
 
 
-def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple[dict[str, Any], bool]:
-    """Train and score one job, or reuse its ``record.json`` if the settings are the same.
+def cached_record(job: Job, crop: int | None, store: Path | None = None) -> dict[str, Any] | None:
+    """The job's record if it was made with the same settings, else None.
 
-    Returns the record and whether it was reused.
+    From the run folder's ``record.json``, else from ``store`` (``--records``: the records kept
+    in the repository, which outlive the run folders and their models).
+    """
+    key = _key(job, crop)
+    for path in (job.run_dir / "record.json", *([stored_record_path(job, store)] if store else [])):
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("key") == key:
+                return record
+    return None
+
+
+def run_job(
+    job: Job, *, device: str, crop: int | None, progress: bool, store: Path | None = None
+) -> tuple[dict[str, Any], bool]:
+    """Train and score one job, or reuse its record if the settings are the same.
+
+    A new record is written to the run folder and, with ``store``, copied there. Returns the
+    record and whether it was reused.
     """
     key = _key(job, crop)
     record_path, key_path = job.run_dir / "record.json", job.run_dir / "key.json"
-    cached = cached_record(job, crop)
+    cached = cached_record(job, crop, store)
     if cached is not None:
-        log.info("%s: reusing %s", job.name, record_path)
+        log.info("%s: reusing its record%s", job.name, "" if (job.run_dir / "record.json").is_file() else
+                 f" from {store} (its model is not on this machine)")  # fmt: skip
         return cached, True
     resume = (job.variant not in PEERS and (job.run_dir / "checkpoint.pt").is_file() and key_path.is_file()
               and json.loads(key_path.read_text()) == key)  # fmt: skip
@@ -252,7 +271,7 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
         record["plain"] = [{"name": s.name, "category": job.categories.get(s.name, ""),
                             **common.nuclei_label_scores(s.labels, masks[s.name])} for s in job.test]  # fmt: skip
         record["score_seconds"] = time.perf_counter() - started - seconds
-        _write_json(record_path, record)
+        _keep(record, record_path, job, store)
         return record, False
     runs = {"plain": False, "tta": True} if job.variant == "unet" else {"plain": False}
     if "best" in models:
@@ -271,8 +290,16 @@ def run_job(job: Job, *, device: str, crop: int | None, progress: bool) -> tuple
     if job.dataset == "em" and job.variant not in PEERS:
         record["seam"] = seam_error(models["last"], job.test[0].image, job.config, device)
     record["score_seconds"] = time.perf_counter() - started - seconds
-    _write_json(record_path, record)
+    _keep(record, record_path, job, store)
     return record, False
+
+
+def _keep(record: dict[str, Any], record_path: Path, job: Job, store: Path | None) -> None:
+    _write_json(record_path, record)
+    if store is not None:
+        stored = stored_record_path(job, store)
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(stored, record)
 
 
 # ============================================================================================
@@ -376,8 +403,20 @@ def final_jobs(
 # Figures and shipped models
 # ============================================================================================
 def write_figures(results: dict[str, Any], jobs: dict[str, Job], folder: Path, device: str) -> dict[str, Path]:
-    """One EM slice and one nuclei image of the baseline (U-Net, no TTA): input | prediction | truth | errors."""
+    """One EM slice and one nuclei image of the baseline (U-Net, no TTA): input | prediction | truth | errors.
+
+    A baseline whose record came from ``--records`` without its model keeps the figure drawn
+    when it was trained, if that is in ``folder``.
+    """
     figures = {}
+    baselines = {"em": [j for j in jobs.values() if j.dataset == "em" and j.variant == "unet"],
+                 "nuclei": [jobs["nuclei/unet"]] if "nuclei/unet" in jobs else []}  # fmt: skip
+    jobs = {k: j for k, j in jobs.items() if (j.run_dir / "last").is_dir()}  # the models on this machine
+    for name, runs in baselines.items():
+        if runs and not any(j.name in jobs for j in runs):
+            if (folder / f"results_{name}.png").is_file():
+                figures[name] = folder / f"results_{name}.png"
+            log.info("%s/unet: no model on this machine; %s figure", name, "the earlier" if name in figures else "no")
     em = [j for j in jobs.values() if j.dataset == "em" and j.variant == "unet"]
     if em:
         job = em[0]
@@ -431,6 +470,9 @@ def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> 
         if not options:
             continue
         _, job_name, record = max(options, key=lambda option: option[0])
+        if not (jobs[job_name].run_dir / "last").is_dir():  # a record from --records, its model not here
+            log.warning("%s (%s): its model is not in %s; not shipped", name, job_name, jobs[job_name].run_dir)
+            continue
         model = load_model(jobs[job_name].run_dir / "last")
         provenance = {**model.info.provenance, **_provenance(name, job_name, record, len(options), results)}
         model.info = dataclasses.replace(model.info, provenance=provenance)
@@ -533,6 +575,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, metavar="MIN",
                    help="start no new model once this many minutes have passed (the page lists what was skipped)")
     p.add_argument("--out", type=Path, help="run folder (default runs/reproduce, or runs/reproduce-quick)")
+    p.add_argument("--records", help="folder that keeps a copy of every record, to be committed: the page can be "
+                   "rewritten from it on a fresh clone, without the run folder (default experiments/records/<name "
+                   "of --out>; 'none' keeps none; --quick: none)")
     p.add_argument("--results", type=Path, help="results page (default docs/results.md; quick: OUT/results.md)")
     p.add_argument("--figures", type=Path, help="figure folder (default docs/images; quick: OUT/images)")
     p.add_argument("--ship", type=Path, metavar="DIR", help="save the best EM and nuclei models to DIR/<name>/")
@@ -572,6 +617,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--ablation-folds {args.ablation_folds} must be among --folds {args.folds}: the page compares "
                 "each ablation with the baseline on the same folds")
     args.out = args.out or ROOT / ("runs/reproduce-quick" if args.quick else "runs/reproduce")
+    if args.records is None:
+        args.records = None if args.quick else RECORDS / args.out.name
+    else:
+        args.records = None if args.records == "none" else Path(args.records)
     args.results = args.results or (args.out / "results.md" if args.quick else ROOT / "docs/results.md")
     args.figures = args.figures or (args.out / "images" if args.quick else ROOT / "docs/images")
     return args
@@ -594,7 +643,7 @@ def run_jobs(jobs: Sequence[Job], args: argparse.Namespace, crop: int | None) ->
     for job in jobs:
         experiments.setdefault((job.dataset, "final" if job.final else job.variant), []).append(job)
     for (dataset, variant), group in experiments.items():
-        cached = [cached_record(job, crop) for job in group]
+        cached = [cached_record(job, crop, args.records) for job in group]
         longest = max([longest, *(r["train_seconds"] + r["score_seconds"] for r in cached if r is not None)])
         to_train = [job for job, r in zip(group, cached, strict=True) if r is None]
         needed = sum(max(longest, 60 * (job.config.minutes or 0)) for job in to_train)  # a budget is a floor
@@ -605,7 +654,7 @@ def run_jobs(jobs: Sequence[Job], args: argparse.Namespace, crop: int | None) ->
             continue
         for job in group:
             t0 = time.perf_counter()
-            record, reused = run_job(job, device=args.device, crop=crop, progress=args.progress)
+            record, reused = run_job(job, device=args.device, crop=crop, progress=args.progress, store=args.records)
             if not reused:
                 trained += 1
                 longest = max(longest, time.perf_counter() - t0)

@@ -8,6 +8,7 @@ temporary folder and every HTTP request recorded (there must be none).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -26,7 +27,7 @@ from biounet import UNet, load_model, predict
 from biounet.cli import main
 from biounet.data import synthetic_cells
 from biounet.errors import InputError
-from biounet.io import normalize_percentile, to_luminance
+from biounet.io import has_bright_background, normalize_percentile, to_luminance
 from biounet.prediction import PredictOptions
 
 # Not imported here: bioimageio reads its cache folder, and onnxruntime writes its telemetry store
@@ -240,10 +241,17 @@ def test_bad_arguments_are_one_clear_error_naming_the_argument(tmp_path):
                        r"with percentiles \[0.1, 0.9\]"):  # fmt: skip
         export_model(low_percentiles, tmp_path / "p.zip")
     inverting = UNet(depth=2, base_channels=4, info=biounet.ModelInfo(background="dark"))
-    with pytest.raises(InputError, match=r"model: it inverts images with a bright background \(background = 'dark'\), "
-                       "a choice made per image that bioimage.io's preprocessing cannot express") as err:  # fmt: skip
+    with pytest.raises(InputError, match=r"background: the model inverts images with a bright background, a choice "
+                       r"it makes per image .* 'dark' \(bright objects on a dark background") as err:  # fmt: skip
         export_model(inverting, tmp_path / "p.zip")
-    assert err.value.option == "model"
+    assert err.value.option == "background"
+    for model, background, message in ((inverting, "light", "background must be 'dark' or 'bright'"),
+                                       (low_percentiles, "bright", "only for a model that inverts bright-background"),
+                                       (inverting, "dark", "only the bioimageio format normalises its input")):
+        with pytest.raises(InputError, match=message) as err:
+            export_model(model, tmp_path / "p.pt", format="onnx" if background == "dark" else "bioimageio",
+                         background=background)  # fmt: skip
+        assert err.value.option == "background"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "model", "taken.pt"]  # nothing else written
 
 
@@ -327,6 +335,35 @@ def test_a_wrong_test_tensor_fails_the_check_and_leaves_nothing(tmp_path, monkey
 
 
 @pytest.mark.slow
+def test_a_model_that_inverts_bright_backgrounds_exports_one_package_per_kind_of_image(tmp_path):
+    """background="dark" decides per image; its packages are made for dark or bright backgrounds and predict
+    as biounet does on such images (bioimageio's own test ran on both: check=True)."""
+    from bioimageio.core import create_prediction_pipeline, load_model_description
+    from bioimageio.core import predict as bioimageio_predict
+
+    model = _model(seed=11)
+    model.info = dataclasses.replace(model.info, background="dark")
+    fluorescence = _unseen_image((200, 184)).astype(np.float32)  # bright cells on a dark background
+    brightfield = fluorescence.max() - fluorescence  # dark cells on a bright one
+    assert [bool(has_bright_background(*np.percentile(i, [1, 50, 99.8]))) for i in (fluorescence, brightfield)] == \
+        [False, True]  # fmt: skip
+    for background, image in (("dark", fluorescence), ("bright", brightfield)):
+        path = export_model(model, tmp_path / f"{background}.zip", background=background)
+        descr = load_model_description(path)
+        steps = [(p.id, getattr(p.kwargs, "gain", None)) for p in descr.inputs[0].preprocessing if p.id != "ensure_dtype"]
+        assert steps == [("scale_range", None)] + ([("scale_linear", -1.0)] if background == "bright" else [])
+        with zipfile.ZipFile(path) as z:
+            test_input = np.load(z.open("test_input.npy"))[0, 0]
+        # the default sample has the package's background, so biounet's per-image rule agrees with the package
+        assert bool(has_bright_background(*np.percentile(test_input, [1, 50, 99.8]))) == (background == "bright")
+        pipeline = create_prediction_pipeline(descr, weight_format="onnx", devices=["cpu"])
+        got = bioimageio_predict(model=pipeline, inputs=image[None, None], sample_id="unseen")
+        expected = _biounet_probabilities(model, image)  # the model's own rule: inverts the bright one only
+        assert np.abs(got.members["output"].data.to_numpy()[0] - expected).max() <= TOL, background
+    assert model.info.background == "dark"  # the caller's model is unchanged
+
+
+@pytest.mark.slow
 def test_same_padding_package_passes_bioimageio_test(tmp_path):
     from bioimageio.core import load_model_description
 
@@ -337,10 +374,11 @@ def test_same_padding_package_passes_bioimageio_test(tmp_path):
 
 @pytest.fixture(scope="module")
 def shipped_packages(tmp_path_factory):
-    """The bioimage.io packages of the shipped models: nuclei zipped, em-membranes as a folder (check off:
+    """The bioimage.io packages of the shipped models: nuclei zipped, for fluorescence (it inverts bright
+    backgrounds itself, so its package is made for one kind of image), em-membranes as a folder (check off:
     the tests run bioimageio's test themselves)."""
     root = tmp_path_factory.mktemp("packages")
-    return {"nuclei": export_model("nuclei", root / "nuclei.zip", check=False),
+    return {"nuclei": export_model("nuclei", root / "nuclei.zip", check=False, background="dark"),
             "em-membranes": export_model("em-membranes", root / "em-membranes", check=False) / "rdf.yaml"}
 
 

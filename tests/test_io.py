@@ -234,7 +234,10 @@ def test_dark_background_inverts_bright_background_images_only():
     # a (low, high) pair with low > high inverts; a constant image still becomes 0
     np.testing.assert_allclose(rescale_intensity(np.array([0.0, 2.0, 4.0]), 4.0, 0.0), [1.0, 0.5, 0.0])
     assert np.all(normalize_percentile(np.full((4, 4), 3.0), background="dark") == 0)
-    with pytest.raises(ValueError, match="background must be one of as-is, dark, got 'light'"):
+    # "inverted": every image and channel, whatever its background
+    np.testing.assert_allclose(normalize_percentile(both, axis=(1, 2), background="inverted"),
+                               1.0 - normalize_percentile(both, axis=(1, 2)), atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="background must be one of as-is, dark, inverted, got 'light'"):
         normalize_percentile(dark, background="light")
 
 

@@ -165,6 +165,8 @@ def test_percentiles_swap_for_bright_background_images_as_normalize_percentile_i
     for n in (0, 1):  # and the swapped pair normalises as normalize_percentile(background="dark") does
         np.testing.assert_allclose(rescale_intensity(data[n, 0].astype(np.float32), *got[n, 0]),
                                    normalize_percentile(data[n, 0], background="dark"), atol=1e-6)  # fmt: skip
+    inverted = intensity_percentiles(da.from_array(data, chunks=(1, 1, 20, 20)), 1.0, 99.8, background="inverted")
+    np.testing.assert_allclose(inverted, plain[..., ::-1], rtol=1e-12)  # every pair swapped
 
 
 def test_a_dark_background_model_predicts_the_same_in_memory_and_in_chunks_and_inverts_as_trained():

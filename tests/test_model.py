@@ -208,7 +208,7 @@ def _saved_config(tmp_path: Path) -> tuple[Path, dict]:
     ({"class_names": ["background"]}, "1 class_names for num_classes=2"),
     ({"class_names": "cells"}, "class_names must be a JSON array"),
     ({"color": "sepia"}, "color must be one of keep, luminance"),
-    ({"background": "light"}, "background must be one of as-is, dark, got 'light'"),
+    ({"background": "light"}, "background must be one of as-is, dark, inverted, got 'light'"),
     ({"background": 1}, "background must be a JSON string, got 1"),
     ({"format_version": 99}, "format_version 99 is not one this biounet reads"),
     ({"format_version": None}, "format_version None"),

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,20 @@ def test_cellpose_runs_on_nuclei_only(tmp_path):
         *peer_cellpose.RECIPE_FIELDS, "cellpose", "version"}
 
 
+def test_what_ran_names_the_machine_each_model_was_trained_on(tmp_path):
+    config = dataclasses.asdict(reproduce.experiment_config("em", "unet", "fast", 2, []))
+
+    def record(fold: int, hardware: str | None) -> dict:
+        made = {"trained": {"hardware": hardware}} if hardware else {}
+        return {"key": {"fold": fold, "config": config, "train": [], "test": []}, "train_seconds": 60.0,
+                "parameters": 10, "steps_run": 2, **made}  # fmt: skip
+
+    results = {"em": {"unet": [record(0, "Intel Xeon"), record(1, "AMD EPYC")], "monai": [record(0, None)]},
+               "nuclei": {}, "meta": {"skipped": [], "time_limit": None}}  # fmt: skip
+    rows = [line for line in "\n".join(page_module._what_ran(results)).splitlines() if line.startswith("| ISBI")]
+    assert rows[0].endswith("| Intel Xeon; AMD EPYC |") and rows[1].endswith("| not recorded |")
+
+
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------
@@ -228,12 +243,19 @@ def test_each_ablation_changes_exactly_one_field(dataset, variant):
     assert changed == {"no-elastic": {"elastic_std"}, "no-border": {"w0"}, "same-padding": {"padding"},
                        "float32": {"precision", "channels_last"},
                        "previous-recipe": {"depth", "tile", "batch_size"}, "border-class": {"target", "split"},
-                       "wide": {"base_channels"}, "dark-background": {"background"}, "precise-bn": {"precise_bn"},
-                       "seed-1": {"seed"}, "seed-2": {"seed"},
-                       # the dark-background row with other seeds: one change against that row, not the baseline
-                       "dark-background-seed-1": {"background", "seed"},
-                       "dark-background-seed-2": {"background", "seed"}}[variant]
+                       "wide": {"base_channels"}, "precise-bn": {"precise_bn"}, "seed-1": {"seed"}, "seed-2": {"seed"},
+                       # the EM recipe takes images as they are already (the ablation runs on the nuclei only)
+                       "as-is-background": {"background"} if dataset == "nuclei" else set()}[variant]
     assert base["steps"] == 50 and base["base_channels"] == 16
+
+
+def test_recipe_line_names_the_fields_away_from_their_defaults():
+    nuclei = page_module.config_summary(dataclasses.asdict(reproduce.experiment_config("nuclei", "unet", "fast", 5, [])))
+    em = page_module.config_summary(dataclasses.asdict(reproduce.experiment_config("em", "unet", "fast", 5, [])))
+    assert nuclei.endswith('background "dark" (bright-background images inverted), best by ap with margin 0.05')
+    assert em.endswith("objects under 0 px removed, best by v_rand with margin 0.01")
+    border = dataclasses.asdict(reproduce.experiment_config("nuclei", "border-class", "fast", 5, []))
+    assert 'target "border"' in page_module.config_summary(border)
 
 
 def test_config_layers_preset_then_dataset_then_overrides():
@@ -258,7 +280,7 @@ def test_time_limit_skips_whole_experiments(monkeypatch, tmp_path):
     clock = [0.0]
     minutes = {"em": 10.0, "nuclei": 12.0}
 
-    def fake_run_job(job, *, device, crop, progress):
+    def fake_run_job(job, *, device, crop, progress, store):
         clock[0] += 60 * minutes[job.dataset]
         return {"fold": job.fold}, False
 
@@ -316,6 +338,37 @@ def test_an_interrupted_job_resumes_and_a_changed_one_starts_afresh(tmp_path):
     third, _ = reproduce.run_job(changed, device="cpu", crop=None, progress=False)
     assert "resumed" not in third and third["steps_run"] == 3
     assert json.loads((job.run_dir / "key.json").read_text()) == reproduce._key(changed, None)
+
+
+def test_records_are_kept_in_the_store_and_reused_without_the_run_folder(tmp_path):
+    job, store = _tiny_job(tmp_path, steps=1), tmp_path / "store"
+    first, reused = reproduce.run_job(job, device="cpu", crop=None, progress=False, store=store)
+    kept = store / "nuclei" / "unet.json"
+    assert not reused and json.loads(kept.read_text()) == json.loads((job.run_dir / "record.json").read_text())
+    shutil.rmtree(job.run_dir)  # a fresh clone: the run folder and its models are gone, the store is committed
+    again, reused = reproduce.run_job(job, device="cpu", crop=None, progress=False, store=store)
+    assert reused and again == json.loads(kept.read_text()) and not job.run_dir.exists()
+    assert reproduce.cached_record(job, None) is None  # without the store: nothing to reuse
+    changed = dataclasses.replace(job, config=dataclasses.replace(job.config, seed=5))
+    assert reproduce.cached_record(changed, None, store) is None  # another recipe is not this record
+    # the page's figure and the shipped model need the model: the figure drawn earlier is kept, nothing ships
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "results_nuclei.png").write_bytes(b"earlier")
+    figures = reproduce.write_figures({"nuclei": {"unet": again}}, {job.name: job}, tmp_path / "images", "cpu")
+    assert figures == {"nuclei": tmp_path / "images" / "results_nuclei.png"}
+    assert (tmp_path / "images" / "results_nuclei.png").read_bytes() == b"earlier"
+    results = {"em": {}, "nuclei": {"unet": again}, "final": {}, "meta": {}}
+    assert reproduce.ship_models(results, {job.name: job}, tmp_path / "models") == []
+    assert not (tmp_path / "models").exists()
+
+
+def test_the_store_follows_the_run_folder_and_quick_runs_keep_none(tmp_path):
+    args = reproduce.parse_args(["--data", str(tmp_path)])
+    assert args.records == reproduce.RECORDS / "reproduce" == reproduce.ROOT / "experiments/records/reproduce"
+    assert reproduce.parse_args(["--data", str(tmp_path), "--out", "runs/r15"]).records == reproduce.RECORDS / "r15"
+    assert reproduce.parse_args(["--data", str(tmp_path), "--quick"]).records is None
+    assert reproduce.parse_args(["--data", str(tmp_path), "--records", "none"]).records is None
+    assert reproduce.parse_args(["--data", str(tmp_path), "--records", str(tmp_path)]).records == tmp_path
 
 
 def test_ship_minutes_needs_ship(tmp_path):

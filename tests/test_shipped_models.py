@@ -93,7 +93,7 @@ def test_shipped_nuclei_model_takes_rgb_images(tmp_path):
     from skimage.color import rgb2gray
 
     model = load_model("nuclei")
-    assert model.info.color == "luminance" and model.config.in_channels == 1
+    assert model.info.color == "luminance" and model.config.in_channels == 1 and model.info.background == "dark"
     rgb = (np.random.default_rng(3).random((96, 100, 3)) * 255).astype(np.uint8)
     iio.imwrite(tmp_path / "he.png", rgb)
     iio.imwrite(tmp_path / "he-jpeg.jpg", rgb)

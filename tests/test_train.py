@@ -439,6 +439,31 @@ def test_best_model_is_chosen_by_the_configured_score(tmp_path):
         assert "best" not in load_model(tmp_path / best_by / "last").info.provenance
 
 
+def test_best_margin_lets_a_later_model_of_nearly_the_highest_score_take_over(tmp_path):
+    from biounet.model import load_model
+    from biounet.training import CsvLog
+
+    samples = _tiny_samples(4)
+    for margin in (0.0, 1.0):  # 1.0: any IoU is within the margin, so the last validated model is best
+        config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=6, val_every=2,
+                                    best_by="iou", best_margin=margin, deterministic=True)  # fmt: skip
+        run = tmp_path / f"margin{margin}"
+        train(samples[:3], run, config, val_samples=samples[3:], progress=False)
+        rows = [r for r in CsvLog.read(run / "log.csv") if r.get("val_iou") not in (None, "")]
+        scores, steps = [float(r["val_iou"]) for r in rows], [int(r["step"]) for r in rows]
+        highest, chosen = -np.inf, None
+        for step, score in zip(steps, scores, strict=True):  # the rule, written out a second time
+            if score > highest or (margin and score >= highest - margin):
+                chosen = (step, score)
+            highest = max(highest, score)
+        best = load_model(run / "best").info.provenance["best"]
+        assert (best["step"], best["margin"]) == (chosen[0], margin)
+        assert best["value"] == pytest.approx(chosen[1], rel=1e-5) and best["highest"] == pytest.approx(max(scores), rel=1e-5)
+    assert best["step"] == 6
+    with pytest.raises(ValueError, match="best_margin"):
+        TrainConfig(best_margin=-0.1)
+
+
 def test_luminance_recipe_trains_on_rgb_and_the_model_converts_rgb(tmp_path):
     from skimage.color import rgb2gray
 
@@ -629,7 +654,7 @@ def test_config_sections_hold_every_field_exactly_once():
     assert tuple(TrainConfig.SECTIONS) == TABLES
     listed = [name for names in TrainConfig.SECTIONS.values() for name in names]
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    assert len(listed) == len(set(listed)) == len(fields) == 36
+    assert len(listed) == len(set(listed)) == len(fields) == 37
     assert set(listed) == set(fields)
     assert TrainConfig.SECTIONS["optimization"] == ("optimizer", "lr", "momentum", "weight_decay", "schedule",
                                                      "warmup", "steps", "minutes")  # fmt: skip
@@ -641,7 +666,7 @@ def test_config_sections_hold_every_field_exactly_once():
     {"norm": None, "normalization": None, "minutes": 2.5, "tile": "auto"},
     {"lr": 1e-05, "weight_decay": 0.1 + 0.2, "dropout": 0.0, "w0": 0, "augment": False, "channels_last": False},
     {"target": "border", "split": "border", "min_size": 12, "best_by": "v_rand", "color": "luminance",
-     "background": "dark"},
+     "background": "dark", "best_margin": 0.05},
     {"tile": 204, "depth": 3, "padding": "same", "norm": "group", "seed": 2**63 - 1, "precision": "bfloat16"},
 ])  # fmt: skip
 def test_to_toml_round_trips_and_writes_the_tables(tmp_path, preset, overrides):
@@ -660,7 +685,8 @@ _FIELDS = {
     "padding": st.sampled_from(["valid", "same"]), "norm": st.sampled_from([None, "batch", "instance", "group"]),
     "dropout": st.floats(0, 1, exclude_max=True), "tile": st.one_of(st.just("auto"), _POSITIVE_INT),
     "batch_size": _POSITIVE_INT, "color": st.sampled_from(["keep", "luminance"]),
-    "background": st.sampled_from(["as-is", "dark"]), "precise_bn": st.integers(0, 1000),
+    "background": st.sampled_from(["as-is", "dark", "inverted"]), "precise_bn": st.integers(0, 1000),
+    "best_margin": st.floats(0, 1),
     "normalization": st.one_of(st.none(), st.tuples(st.floats(0, 49.9), st.floats(50, 100))),
     "augment": st.booleans(), "elastic_std": _FINITE, "elastic_grid": st.integers(2, 9), "w0": _FINITE,
     "sigma": _FINITE, "dice": _FINITE, "optimizer": st.sampled_from(["sgd", "adam", "adamw"]),
@@ -726,7 +752,7 @@ _TABLES_LISTED = "the tables are network, data, augmentation, loss, optimization
     ("preset = 1\n", "preset must be a string ('paper' or 'fast'), got 1"),
     ("[network]\nbase_channels = 512\n", "TrainConfig: base_channels * 2**depth = 8192 channels"),
     ('[data]\ntarget = "border"\n', 'TrainConfig: target = "border" and split = "border" go together'),
-    ('[data]\nbackground = "bright"\n', "[data] background must be one of 'as-is', 'dark', got 'bright'"),
+    ('[data]\nbackground = "bright"\n', "[data] background must be one of 'as-is', 'dark', 'inverted', got 'bright'"),
     ("lr = [", "cannot read training config"),
 ])  # fmt: skip
 def test_toml_errors_name_the_file_the_table_and_the_key(tmp_path, text, message):

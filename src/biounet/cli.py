@@ -178,6 +178,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--author", action="append", metavar="NAME", help="bioimageio: an author of the model "
                    "(repeatable; default: biounet developers)")
     p.add_argument("--license", metavar="SPDX", help="bioimageio: the weights' licence (default BSD-3-Clause)")
+    p.add_argument("--background", choices=("dark", "bright"), help="bioimageio, for a model that inverts "
+                   "bright-background images (such as the shipped nuclei): the background of the images the "
+                   "package is for, dark (fluorescence) or bright (brightfield, H&E)")
     p.add_argument("--no-check", action="store_true", help="skip running the export against PyTorch (and "
                    "bioimageio's test) before writing it")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -187,7 +190,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from biounet.export import export_model
 
-    given = {"authors": tuple(args.author) if args.author else None, "license": args.license}
+    given = {"authors": tuple(args.author) if args.author else None, "license": args.license,
+             "background": args.background}
     path = export_model(args.model, args.output, format=args.format, overwrite=args.overwrite, check=not args.no_check,
                         sample=args.sample, **{k: v for k, v in given.items() if v is not None})  # fmt: skip
     log.info("exported %s as %s to %s", args.model, args.format, path)

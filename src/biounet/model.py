@@ -214,11 +214,11 @@ class ModelInfo:
         as they are (the network's ``in_channels`` must match), ``"luminance"`` turns an RGB
         image into its luminance (:func:`biounet.io.to_luminance`), the conversion the model
         was trained with; gray images pass unchanged.
-    background : {"as-is", "dark"}
+    background : {"as-is", "dark", "inverted"}
         What normalisation does to an image's polarity (``background`` of
         :func:`biounet.io.normalize_percentile`): ``"dark"`` inverts images with a bright
         background (dark objects on a bright one, as in brightfield and H&E), as the model
-        was trained.
+        was trained; ``"inverted"`` inverts every image.
     """
 
     normalization: tuple[float, float] | None = (1.0, 99.8)

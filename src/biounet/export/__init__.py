@@ -46,6 +46,7 @@ def export_model(
     sample: np.ndarray | str | Path | None = None,
     authors: tuple[str, ...] | list[str] = ("biounet developers",),
     license: str = "BSD-3-Clause",
+    background: Literal["dark", "bright"] | None = None,
 ) -> Path:
     """Export a model to a bioimage.io package, a TorchScript file or an ONNX file.
 
@@ -84,6 +85,14 @@ def export_model(
         ``"bioimageio"`` only: the package's authors (who trained the model).
     license : str
         ``"bioimageio"`` only: the SPDX identifier of the weights' licence.
+    background : {"dark", "bright"}, optional
+        ``"bioimageio"`` only, and required for a model that inverts bright-background
+        images (``model.info.background == "dark"``, a choice biounet makes per image and
+        bioimage.io's preprocessing cannot): the background of the images the package is
+        for. ``"dark"`` (bright objects on a dark background, as in fluorescence): no
+        inversion. ``"bright"`` (dark objects on a bright background, as in brightfield
+        and H&E): every image inverted after normalisation (a ``scale_linear`` with gain
+        -1 and offset 1 after ``scale_range``), and the default sample inverted likewise.
 
     Returns
     -------
@@ -108,9 +117,14 @@ def export_model(
     if format != "bioimageio":
         if sample is not None:
             raise InputError(f"sample: only the bioimageio format has test tensors, not {format}", option="sample")
+        if background is not None:
+            raise InputError(f"background: only the bioimageio format normalises its input, not {format}",
+                             option="background")  # fmt: skip
         _make_parent(target)
         return _write_file(net, target, format, check=check)
-    from biounet.export._bioimageio import check_license, check_sample, write_bioimageio
+    from biounet.export._bioimageio import check_license, check_sample, for_images, write_bioimageio
+
+    net = for_images(net, background)
 
     if not authors or not all(isinstance(a, str) and a.strip() for a in authors):
         raise InputError(f"authors must be one or more names, got {authors!r}", option="authors")

@@ -11,6 +11,7 @@ DOI), so validation reads local files only. ``bioimageio.core``'s test (the one 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import re
@@ -67,12 +68,10 @@ def write_bioimageio(
     from biounet.io._files import atomic_folder, atomic_write
 
     check_license(license)
-    if model.info.background != "as-is":
-        raise InputError(f"model: it inverts images with a bright background (background = "
-                         f"{model.info.background!r}), a choice made per image that bioimage.io's preprocessing "
-                         f"cannot express; export it as torchscript or onnx, and invert such images before the "
-                         f"network (biounet.io.normalize_percentile with background='dark' does)",
-                         option="model")  # fmt: skip
+    if model.info.background == "dark":
+        raise InputError("model: it inverts the images with a bright background (background = 'dark'), a choice "
+                         "made per image that bioimage.io's preprocessing cannot express; give the background of "
+                         "the images the package is for (for_images)", option="background")  # fmt: skip
     if model.info.normalization is not None and model.info.normalization[1] <= 1.0:
         raise InputError(f"model: bioimage.io's scale_range needs an upper percentile above 1, and this model "
                          f"normalises with percentiles {list(model.info.normalization)}", option="model")  # fmt: skip
@@ -114,6 +113,39 @@ def write_bioimageio(
     return output
 
 
+def for_images(model: UNet, background: str | None) -> UNet:
+    """The model as its bioimage.io package runs it on images whose ``background`` is ``"dark"`` or ``"bright"``.
+
+    A model that inverts bright-background images (``info.background == "dark"``) decides
+    per image, which bioimage.io's preprocessing cannot express: its package is made for
+    one kind of image, a copy of the model (sharing the weights) whose ``info.background``
+    is ``"as-is"`` for dark backgrounds (fluorescence) and ``"inverted"`` for bright ones
+    (brightfield, H&E). Other models are returned as they are; ``background`` must then be
+    None. Raises :class:`InputError` (``option="background"``) otherwise.
+    """
+    import copy
+
+    rule = model.info.background
+    if background is not None and background not in ("dark", "bright"):
+        raise InputError(f"background must be 'dark' or 'bright' (the background of the images the package is "
+                         f"for), got {background!r}", option="background")  # fmt: skip
+    if rule != "dark":
+        if background is not None:
+            raise InputError(f"background: only for a model that inverts bright-background images (background = "
+                             f"'dark'); this one takes every image {'inverted' if rule == 'inverted' else 'as it is'}",
+                             option="background")  # fmt: skip
+        return model
+    if background is None:
+        raise InputError("background: the model inverts images with a bright background, a choice it makes per "
+                         "image and bioimage.io's preprocessing cannot; choose the images the package is for: "
+                         "'dark' (bright objects on a dark background, as in fluorescence) or 'bright' (dark "
+                         "objects on a bright background, as in brightfield and H&E), e.g. biounet export --background "
+                         "bright", option="background")  # fmt: skip
+    package = copy.copy(model)  # a shallow copy: the same weights, its own info
+    package.info = dataclasses.replace(model.info, background="as-is" if background == "dark" else "inverted")
+    return package
+
+
 def describe(model: UNet, *, name: str, geometry: Geometry, authors: Sequence[str], license: str) -> dict[str, Any]:
     """The ``rdf.yaml`` content (bioimage.io model spec 0.5) of a package laid out by :func:`write_bioimageio`."""
     from bioimageio.spec.model.v0_5 import ModelDescr
@@ -127,6 +159,8 @@ def describe(model: UNet, *, name: str, geometry: Geometry, authors: Sequence[st
         low, high = info.normalization
         preprocessing.append({"id": "scale_range",
                               "kwargs": {"axes": list(spatial), "min_percentile": low, "max_percentile": high}})  # fmt: skip
+    if info.background == "inverted":  # 1 - x: the high percentile maps to 0, the low one to 1
+        preprocessing.append({"id": "scale_linear", "kwargs": {"gain": -1.0, "offset": 1.0}})
     output_axes: list[dict[str, Any]] = []
     for axis in spatial:
         size = {"tensor_id": "input", "axis_id": axis, "offset": geometry.offset}
@@ -231,7 +265,9 @@ def make_test_image(model: UNet, sample: np.ndarray | None, geometry: Geometry) 
     config = model.config
     size = geometry.test_size
     if sample is None:
-        return _synthetic(config.in_channels, config.dims, size)
+        image = _synthetic(config.in_channels, config.dims, size)
+        # a package for bright-background images gets dark cells on a bright background
+        return image.max() + image.min() - image if model.info.background == "inverted" else image
     from biounet.io._images import to_luminance
     from biounet.prediction import converts_to_luminance
 

@@ -10,9 +10,11 @@ from biounet.errors import InputError
 
 #: What normalisation does to the polarity of an image: ``"as-is"`` keeps it; ``"dark"`` inverts
 #: the images whose background is bright (:func:`has_bright_background`), so that the network
-#: sees every image with bright objects on a dark background.
-Background = Literal["as-is", "dark"]
-BACKGROUNDS: tuple[str, ...] = ("as-is", "dark")
+#: sees every image with bright objects on a dark background; ``"inverted"`` inverts every image
+#: (a model for bright-background images only, such as a bioimage.io package of a ``"dark"``
+#: model made for them: ``biounet.export_model(background="bright")``).
+Background = Literal["as-is", "dark", "inverted"]
+BACKGROUNDS: tuple[str, ...] = ("as-is", "dark", "inverted")
 #: An image has a bright background when its median lies above this fraction of the way from its
 #: low to its high percentile (see :func:`has_bright_background`).
 BRIGHT_BACKGROUND_MEDIAN = 0.25
@@ -29,7 +31,8 @@ def normalize_percentile(
     spatial axes, so that each channel is scaled on its own). A constant image becomes 0.
     With ``background="dark"`` an image (or channel) with a bright background
     (:func:`has_bright_background`) is inverted, ``out = (p_high - x) / (p_high - p_low)``:
-    its high percentile maps to 0 and its low one to 1.
+    its high percentile maps to 0 and its low one to 1; ``background="inverted"`` inverts
+    every image so.
 
     Raises
     ------
@@ -43,8 +46,9 @@ def normalize_percentile(
     data = image.astype(np.float32, copy=False)
     if not np.isfinite(data).all():
         raise InputError("normalize_percentile: the image has NaN or infinite pixels")
-    if background == "as-is":  # no median needed
+    if background != "dark":  # no median needed
         lo, hi = np.percentile(data, [low, high], axis=axis, keepdims=axis is not None)
+        lo, hi = oriented_range(lo, None, hi, background)
     else:
         lo, median, hi = np.percentile(data, [low, 50.0, high], axis=axis, keepdims=axis is not None)
         lo, hi = oriented_range(lo, median, hi, background)
@@ -71,12 +75,16 @@ def has_bright_background(low: np.ndarray | float, median: np.ndarray | float, h
 
 
 def oriented_range(
-    low: np.ndarray | float, median: np.ndarray | float, high: np.ndarray | float, background: Background
+    low: np.ndarray | float, median: np.ndarray | float | None, high: np.ndarray | float, background: Background
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(low, high)`` to map to 0 and 1, swapped where ``background="dark"`` and the background is bright."""
+    """``(low, high)`` to map to 0 and 1: swapped where ``background="dark"`` and the background is
+    bright, swapped everywhere for ``"inverted"``, as they are for ``"as-is"`` (``median`` is read
+    for ``"dark"`` only)."""
     low, high = np.asarray(low), np.asarray(high)
     if background == "as-is":
         return low, high
+    if background == "inverted":
+        return high, low
     bright = has_bright_background(low, median, high)
     return np.where(bright, high, low), np.where(bright, low, high)
 

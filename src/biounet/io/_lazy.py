@@ -179,7 +179,7 @@ def intensity_percentiles(
     With ``background="dark"`` the pair is swapped, ``(high, low)``, for an item and channel
     whose background is bright (:func:`biounet.io.has_bright_background`, from its median):
     :func:`biounet.io.rescale_intensity` then inverts it, as
-    :func:`biounet.io.normalize_percentile` does.
+    :func:`biounet.io.normalize_percentile` does; with ``"inverted"`` for every item and channel.
 
     Returns
     -------

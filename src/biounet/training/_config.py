@@ -55,7 +55,10 @@ class TrainConfig:
     fits the budget is fixed and recorded, so the rest of the run, and a resumed run, is
     deterministic (:func:`plan_steps`). ``best_by`` is the validation score that picks the
     ``best`` model: ``"v_rand"`` (ISBI 2012, for membrane models), ``"ap"`` (object AP at
-    IoU 0.5, for instance models) or ``"iou"`` (foreground IoU). ``color = "luminance"``
+    IoU 0.5, for instance models) or ``"iou"`` (foreground IoU); ``best_margin`` lets a later
+    model take over ``best`` when its score is at most that far below the highest so far (0:
+    only a higher score), so that the noise of a few validation images does not keep an early
+    model over a later one of the same score. ``color = "luminance"``
     trains on the luminance of colour images and makes the model convert colour inputs the
     same way at prediction. ``precise_bn = N`` recomputes the BatchNorm layers' running
     statistics as a plain average over ``N`` batches of training tiles (not augmented) before
@@ -83,7 +86,7 @@ class TrainConfig:
         "loss": ("w0", "sigma", "dice"),
         "optimization": ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "steps", "minutes"),
         "postprocess": ("split", "min_size"),
-        "run": ("val_every", "precise_bn", "checkpoint_every", "best_by", "seed", "deterministic", "precision", "compile",
+        "run": ("val_every", "precise_bn", "checkpoint_every", "best_by", "best_margin", "seed", "deterministic", "precision", "compile",
                 "channels_last"),
     }  # fmt: skip
 
@@ -125,6 +128,7 @@ class TrainConfig:
     channels_last: bool = True
     minutes: float | None = None
     best_by: BestBy = "ap"
+    best_margin: float = 0.0
     color: Color = "keep"
     background: Background = "as-is"
 
@@ -253,7 +257,7 @@ _POSITIVE = ("depth", "base_channels", "batch_size", "steps", "val_every", "chec
 #: Fields with a fixed set of string values (the values: their ``Literal`` annotations).
 _CHOICES = ("optimizer", "schedule", "split", "precision", "best_by", "color", "background")
 #: Fields that must be finite numbers >= 0.
-_AT_LEAST_ZERO = ("w0", "sigma", "elastic_std", "dice", "weight_decay", "warmup")
+_AT_LEAST_ZERO = ("w0", "sigma", "elastic_std", "dice", "weight_decay", "warmup", "best_margin")
 #: The deepest network (:class:`UNetConfig`: up to 8 poolings).
 _MAX_DEPTH = 8
 

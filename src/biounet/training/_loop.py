@@ -336,15 +336,22 @@ def _precise_bn(run: _Run) -> None:
 
 
 def _validate(run: _Run, step: int) -> dict[str, float]:
-    """Score on the validation images (after :func:`_precise_bn`); keep the best model by ``config.best_by``."""
+    """Score on the validation images (after :func:`_precise_bn`); keep the best model by ``config.best_by``.
+
+    The model becomes ``best`` when its score is above the highest so far (``run.best``), or
+    at most ``config.best_margin`` below it: of models whose scores differ by less than the
+    noise of the validation images, the later one (trained longer, at a lower learning rate).
+    """
     _precise_bn(run)
     config, model = run.config, run.model
     metrics = evaluate_samples(model, run.val_samples, device=run.device, v_rand=config.best_by == "v_rand")
-    if metrics[config.best_by] > run.best:
-        run.best, run.best_step = metrics[config.best_by], step
+    score = metrics[config.best_by]
+    if score > run.best or (config.best_margin > 0 and score >= run.best - config.best_margin):
+        run.best, run.best_step = max(score, run.best), step
         info = model.info
-        model.info = dataclasses.replace(info, provenance={
-            **info.provenance, "best": {"by": config.best_by, "value": run.best, "step": step}})  # fmt: skip
+        chosen = {"by": config.best_by, "value": score, "step": step, "margin": config.best_margin,
+                  "highest": run.best}  # fmt: skip
+        model.info = dataclasses.replace(info, provenance={**info.provenance, "best": chosen})
         try:
             model.save(run.run_dir / "best")
         finally:
@@ -394,9 +401,9 @@ def _finish(run: _Run) -> None:
             run.model.save(run.run_dir / "best")
         rows = CsvLog.read(run.run_dir / "log.csv")
         plot_curves(rows, run.run_dir / "curves.png", title=str(run.run_dir.name))
-        log.info("done: %s steps, loss %s, best validation %s %s (step %d), run folder %s", rows[-1]["step"],
-                 rows[-1]["loss"], run.config.best_by, f"{run.best:.4f}" if run.val_samples else "-", run.best_step,
-                 run.run_dir)  # fmt: skip
+        chosen = (f"highest validation {run.config.best_by} {run.best:.4f}, best model of step {run.best_step}"
+                  if run.val_samples else "no validation")  # fmt: skip
+        log.info("done: %s steps, loss %s, %s, run folder %s", rows[-1]["step"], rows[-1]["loss"], chosen, run.run_dir)
     if run.world > 1:
         check_replicas_agree(run.model, run.run_dir, run.rank, run.world)
 
