@@ -57,9 +57,6 @@ def input_notes(model: UNet, geometry: Geometry) -> list[str]:
         notes.append("Then inverted, 1 - x (the `scale_linear` preprocessing, gain -1 and offset 1): this package is "
                      "for images with a bright background (dark objects on a bright one, as in brightfield and "
                      "H&E), shown to the network as bright objects on a dark background, as it was trained.")  # fmt: skip
-    elif info.background == "dark":
-        notes.append("Then inverted, 1 - x, if the image has a bright background: its median lies above a quarter "
-                     "of the way from the low to the high percentile (`biounet.io.has_bright_background`).")  # fmt: skip
     return notes
 
 
