@@ -86,8 +86,8 @@ class TrainConfig:
         "loss": ("w0", "sigma", "dice"),
         "optimization": ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "steps", "minutes"),
         "postprocess": ("split", "min_size"),
-        "run": ("val_every", "precise_bn", "checkpoint_every", "best_by", "best_margin", "seed", "deterministic", "precision", "compile",
-                "channels_last"),
+        "run": ("val_every", "precise_bn", "checkpoint_every", "best_by", "best_margin", "seed", "deterministic",
+                "precision", "compile", "channels_last"),
     }  # fmt: skip
 
     # network
