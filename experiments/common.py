@@ -25,7 +25,8 @@ EM_DIR, NUCLEI_DIR = "isbi2012-em", "dsb2018-nuclei"
 DATASETS = ("em", "nuclei")
 #: Variants in the order they run (most important first, for ``--time-limit``).
 VARIANTS = ("unet", "monai", "cellpose", "seed-1", "seed-2", "as-is-background", "previous-recipe", "float32",
-            "border-class", "wide", "precise-bn", "no-elastic", "no-border", "same-padding")
+            "pick-objects", "tuned-postprocess", "border-class", "wide", "precise-bn", "no-elastic", "no-border",
+            "same-padding")
 #: Ablations and the one thing each changes (``configs/ablation-<name>.toml``).
 ABLATIONS = {
     "float32": "float32 eager, contiguous memory (the CPU default before bfloat16 and channels-last)",
@@ -35,6 +36,10 @@ ABLATIONS = {
     "wide": "twice the width (`base_channels = 32`, 4x the computation per step, fewer steps in the budget)",
     "as-is-background": 'every image as it is, dark nuclei on a bright background (brightfield, H&E) beside bright '
                         'nuclei on a dark one (fluorescence), none inverted (`background = "as-is"`)',
+    "pick-objects": 'the image of each training tile drawn in proportion to its labelled objects, not every image '
+                    'equally often (`pick = "objects"`)',
+    "tuned-postprocess": "the threshold and seed height of the post-processing tuned on the validation images for "
+                         "the highest AP at the end of training (`tune_postprocess = true`)",
     "precise-bn": "batch-norm statistics recomputed over 50 training batches before each validation and at the end "
                   "(`precise_bn = 50`; its time counts in the budget)",
     "seed-1": "nothing but the seed (`seed = 1`): the run-to-run noise",
@@ -49,7 +54,7 @@ SEED_VARIANTS = {"unet": ("seed-1", "seed-2")}
 PEERS = ("monai", "cellpose")
 #: Variants for instance segmentation only: they run on the nuclei whenever selected (an
 #: ablation among them whatever ``--ablation-datasets`` says), never on the EM membranes.
-NUCLEI_ONLY = ("cellpose", "border-class", "wide", "as-is-background")
+NUCLEI_ONLY = ("cellpose", "border-class", "wide", "as-is-background", "pick-objects", "tuned-postprocess")
 LABELS = {"unet": "biounet U-Net", "monai": "MONAI BasicUNet (peer)", "cellpose": "Cellpose 3.1 (peer)", **{k: f"U-Net, {k}" for k in ABLATIONS}}
 N_FOLDS = 5
 #: The paper's ISBI 2012 scores (Ronneberger et al. 2015, Table 1), on the challenge's test set.

@@ -52,6 +52,10 @@ def _extras(config: dict[str, Any]) -> str:
         extras.append(f"precise BN over {config['precise_bn']} batches")
     if config.get("best_margin"):
         extras.append(f"best by {config.get('best_by', 'ap')} with margin {config['best_margin']:g}")
+    if config.get("pick", "images") != "images":
+        extras.append(f"training tiles from images in proportion to their {config['pick']}")
+    if config.get("tune_postprocess"):
+        extras.append("threshold and seed height tuned on the validation images")
     return "".join(f", {e}" for e in extras)
 
 

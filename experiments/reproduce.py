@@ -159,7 +159,8 @@ def seam_error(model: UNet, image: np.ndarray, config: TrainConfig, device: str)
 
 #: TrainConfig fields added after records were made: left out of a record's key at their
 #: default, so the records of runs that could not have set them stay valid.
-KEY_OMITS_AT_DEFAULT = {"target": "binary", "background": "as-is", "precise_bn": 0, "best_margin": 0.0}
+KEY_OMITS_AT_DEFAULT = {"target": "binary", "background": "as-is", "precise_bn": 0, "best_margin": 0.0,
+                        "pick": "images", "tune_postprocess": False}
 
 
 def _key(job: Job, crop: int | None) -> dict[str, Any]:
@@ -283,7 +284,9 @@ def run_job(
         if job.dataset == "em":
             record[label] = common.em_scores([p[1] for p in probabilities], [s.labels for s in job.test])
         else:
-            postprocess = job.config.postprocess  # the U-Net's own; the same for the peer
+            # the U-Net's own (tuned on its validation images with tune_postprocess); the recipe's for the peer
+            postprocess = (models["best" if label == "best" else "last"].info.postprocess if models
+                           else job.config.postprocess)  # fmt: skip
             record[label] = [{"name": s.name, "category": job.categories.get(s.name, ""),
                               **common.nuclei_scores(s.labels, p, postprocess)}
                              for s, p in zip(job.test, probabilities, strict=True)]  # fmt: skip
@@ -470,10 +473,15 @@ def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> 
         if not options:
             continue
         _, job_name, record = max(options, key=lambda option: option[0])
-        if not (jobs[job_name].run_dir / "last").is_dir():  # a record from --records, its model not here
-            log.warning("%s (%s): its model is not in %s; not shipped", name, job_name, jobs[job_name].run_dir)
-            continue
-        model = load_model(jobs[job_name].run_dir / "last")
+        source = jobs[job_name].run_dir / "last"
+        if not source.is_dir():  # a record from --records, its model not here
+            if not shipped_from(folder / name, job_name, record):
+                log.warning("%s (%s): its model is not in %s; not shipped", name, job_name, jobs[job_name].run_dir)
+                continue
+            source = folder / name
+            log.info("%s (%s): the shipped model is this record's; its card and provenance are rewritten", name,
+                     job_name)  # fmt: skip
+        model = load_model(source)
         provenance = {**model.info.provenance, **_provenance(name, job_name, record, len(options), results)}
         model.info = dataclasses.replace(model.info, provenance=provenance)
         if sum(p.numel() * 4 for p in model.parameters()) > SHIP_LIMIT_BYTES:
@@ -494,6 +502,25 @@ def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> 
         written.append(target)
         log.info("shipped %s (%s) to %s", name, job_name, target)
     return written
+
+
+def shipped_from(shipped: Path, job_name: str, record: dict[str, Any]) -> bool:
+    """Whether the model shipped in ``shipped`` is the one ``record`` describes.
+
+    True when its provenance names the same experiment and the same training run (the
+    recorded training seconds, a float no other run repeats). Then a later invocation that
+    reuses the record without its run folder can rewrite the card and provenance (its
+    command, the page's estimate) around the same weights.
+    """
+    config = shipped / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        provenance = json.loads(config.read_text()).get("provenance", {})
+    except json.JSONDecodeError:
+        return False
+    return (provenance.get("experiment") == job_name
+            and provenance.get("training", {}).get("seconds") == record["train_seconds"])  # fmt: skip
 
 
 def _provenance(name: str, job_name: str, record: dict, n_options: int, results: dict) -> dict[str, Any]:

@@ -412,6 +412,23 @@ def coordinate_samples() -> list[Sample]:
     return out
 
 
+def test_tile_dataset_picks_images_by_their_objects():
+    labels = [np.zeros((12, 12), np.int32) for _ in range(3)]  # 0 objects (counts as 1), 1 object, 4 objects
+    labels[1][2:5, 2:5] = 1
+    for k, (y, x) in enumerate([(1, 1), (1, 7), (7, 1), (7, 7)], start=1):
+        labels[2][y:y + 3, x:x + 3] = k
+    samples = [make_sample(np.full((12, 12), float(k), np.float32), lab, name=str(k)) for k, lab in enumerate(labels)]
+    drawn = {}
+    for pick, expected in (("objects", [1 / 6, 1 / 6, 4 / 6]), ("images", [1 / 3, 1 / 3, 1 / 3])):
+        ds = TileDataset(samples, input_size=8, output_size=4, length=3000, seed=2, pick=pick, normalization=None,
+                         weight_fn=lambda lab: np.ones(lab.shape, np.float32))  # fmt: skip
+        counts = np.bincount([int(ds[i].image[0, 0, 0]) for i in range(len(ds))], minlength=3)
+        # binomial standard deviation of a count: at most sqrt(3000 / 4) = 27; allow 4 of them
+        np.testing.assert_allclose(counts, 3000 * np.array(expected), atol=110)
+        drawn[pick] = counts
+    assert drawn["objects"][2] > 1.7 * drawn["images"][2]
+
+
 def test_tile_dataset_covers_every_pixel_uniformly():
     samples = coordinate_samples()
     ds = TileDataset(samples, input_size=(14, 12), output_size=(4, 6), length=3000, seed=1, pick="pixels",

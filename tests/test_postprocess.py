@@ -174,3 +174,82 @@ def test_labels_of_planes_post_processes_each_plane_of_a_stack_on_its_own():
     for t, z in np.ndindex(2, 3):  # numbered within each plane, as labels_from_probabilities numbers it
         np.testing.assert_array_equal(labels[t, z], labels_from_probabilities(prob[t, z], threshold=0.6))
     np.testing.assert_array_equal(labels_of_planes(prob[0, 0], 2), labels_from_probabilities(prob[0, 0]))
+
+
+# --------------------------------------------------------------------------------------------
+# post-processing tuned on annotated images (biounet.training.tune_postprocess)
+
+
+def _disc_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Two discs of radius 6, 10 px apart, as one blob of p = 0.9 and as two true objects.
+
+    The distance transform has two maxima of height 6 over a saddle of about 3.3 (the half
+    chord at the midpoint, sqrt(36 - 25)): a seed height of 3 merges them, 2 or less splits them.
+    """
+    yy, xx = np.mgrid[:24, :34]
+    d1, d2 = np.hypot(yy - 12, xx - 11), np.hypot(yy - 12, xx - 21)
+    union = (d1 <= 6) | (d2 <= 6)
+    truth = np.where(union, np.where(d1 <= d2, 1, 2), 0).astype(np.int32)
+    p = np.where(union, 0.9, 0.02)
+    return np.stack([1 - p, p]), truth
+
+
+def test_tuning_finds_the_threshold_that_separates_object_from_halo():
+    from biounet.training import tune_postprocess
+
+    truth = np.zeros((30, 30), np.int32)
+    truth[10:20, 10:20] = 1
+    p = np.zeros((30, 30))
+    p[7:23, 7:23] = 0.55  # a halo 3 px wide: at 0.5 the object is 16x16, IoU 100 / 256 < 0.5
+    p[10:20, 10:20] = 0.65
+    tuned = tune_postprocess([np.stack([1 - p, p])], [truth], {"split": "none"})
+    assert tuned.options == {"split": "none", "threshold": 0.6}  # 0.7 finds nothing, 0.3-0.5 the halo too
+    assert (tuned.default_score, tuned.score) == (0.0, 1.0)
+    assert tuned.grid == {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7)}
+
+
+def test_tuning_finds_a_seed_height_that_splits_and_keeps_the_given_options_on_ties():
+    from biounet.training import tune_postprocess
+
+    prob, truth = _disc_pair()
+    assert probabilities_to_labels(prob[1], split="distance", min_seed_height=3.0).max() == 1
+    tuned = tune_postprocess([prob], [truth], {"split": "distance", "min_seed_height": 3.0})
+    # merged: 1 match of 2 true objects, AP 1 / 2; split: both. Of the heights that split, the first
+    # tried; the threshold stays at its default (changing it as well scores no higher)
+    assert (tuned.default_score, tuned.score) == (0.5, 1.0)
+    assert tuned.options == {"split": "distance", "min_seed_height": 1.0, "threshold": 0.5}
+    assert probabilities_to_labels(prob[1], **tuned.options).max() == 2
+    kept = tune_postprocess([prob], [truth], {"split": "distance", "min_seed_height": 2.0})  # already the best
+    assert kept.options == {"split": "distance", "min_seed_height": 2.0} and kept.score == kept.default_score == 1.0
+
+
+def test_tuning_grids_and_bad_input():
+    from biounet.training import postprocess_grid, tune_postprocess
+
+    assert postprocess_grid({"split": "probability"}) == {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+                                                          "seed_threshold": (0.8, 0.9, 0.95)}  # fmt: skip
+    assert set(postprocess_grid({"split": "border"})) == set(postprocess_grid({})) == {"threshold"}
+    prob, truth = _disc_pair()
+    with pytest.raises(ValueError, match=r"image 0: probabilities of shape \(2, 24, 34\) do not fit labels of shape"):
+        tune_postprocess([prob], [truth[:20]], {})
+    with pytest.raises(ValueError, match="1 probability map"):
+        tune_postprocess([prob], [], {})
+    with pytest.raises(ValueError, match="unknown option.*'treshold'"):
+        tune_postprocess([prob], [truth], {}, grid={"treshold": (0.5,)})
+    with pytest.raises(ValueError, match="grid: empty"):
+        tune_postprocess([prob], [truth], {}, grid={})
+    for bad in ({"threshold": (0.5, 5)}, {"threshold": ("0.5",)}, {"split": "distance"}):  # a string: its letters
+        with pytest.raises(ValueError, match="fits no combination"):
+            tune_postprocess([prob], [truth], {}, grid=bad)
+    with pytest.raises(ValueError, match="min_seed_height"):
+        tune_postprocess([prob], [truth], {"split": "distance", "min_seed_height": -1.0})
+    with pytest.raises(ValueError, match="3 classes of probabilities; split 'distance' makes objects of 2"):
+        tune_postprocess([np.stack([prob[0] / 2, prob[0] / 2, prob[1]])], [truth], {"split": "distance"})
+    # a seed threshold must lie above the threshold: (0.85, 0.8) is skipped, not an error, as 0.8 fits 0.5
+    before = prob.copy()
+    tuned = tune_postprocess([prob], [truth], {"split": "probability"},
+                             grid={"threshold": (0.5, 0.85), "seed_threshold": (0.8, 0.9)})  # fmt: skip
+    np.testing.assert_array_equal(prob, before)  # the input is not changed
+    assert tuned.score == tuned.default_score  # p = 0.9 everywhere: one seed, one object, whatever the grid
+    with pytest.raises(ValueError, match=r"seed_threshold = 0.4 fits no combination \(seed_threshold must be in"):
+        tune_postprocess([prob], [truth], {"split": "probability"}, grid={"seed_threshold": (0.4, 0.9)})

@@ -244,6 +244,7 @@ def test_each_ablation_changes_exactly_one_field(dataset, variant):
                        "float32": {"precision", "channels_last"},
                        "previous-recipe": {"depth", "tile", "batch_size"}, "border-class": {"target", "split"},
                        "wide": {"base_channels"}, "precise-bn": {"precise_bn"}, "seed-1": {"seed"}, "seed-2": {"seed"},
+                       "pick-objects": {"pick"}, "tuned-postprocess": {"tune_postprocess"},
                        # the EM recipe takes images as they are already (the ablation runs on the nuclei only)
                        "as-is-background": {"background"} if dataset == "nuclei" else set()}[variant]
     assert base["steps"] == 50 and base["base_channels"] == 16
@@ -460,3 +461,29 @@ def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
         card = (tmp_path / "models" / name / "MODEL_CARD.md").read_text()
         assert "**not** an estimate" in card and "**Estimate.**" in card and "SMOKE-TEST MODEL" in card
     assert len(results["final"]["em"]["key"]["train"]) == 25 and len(results["final"]["nuclei"]["key"]["train"]) == 120
+
+
+def test_a_shipped_model_is_recarded_from_its_record_without_the_run_folder(tmp_path):
+    job = dataclasses.replace(_tiny_job(tmp_path, steps=1), final=True)
+    store, models = tmp_path / "store", tmp_path / "models"
+    record, _ = reproduce.run_job(job, device="cpu", crop=None, progress=False, store=store)
+    meta = {"command": "python experiments/reproduce.py --first", "crop": None, "preset": "fast", "split_seed": 0,
+            "val_fraction": 0.2}  # fmt: skip
+    results = {"em": {}, "nuclei": {}, "final": {"nuclei": record}, "meta": meta}
+    assert reproduce.ship_models(results, {job.name: job}, models) == [models / "nuclei"]
+    weights = (models / "nuclei" / "weights.safetensors").read_bytes()
+    shutil.rmtree(job.run_dir)  # a fresh clone: the store and the shipped model are committed, the run is gone
+    assert reproduce.shipped_from(models / "nuclei", "nuclei/final", record)
+    assert not reproduce.shipped_from(models / "nuclei", "nuclei/unet", record)  # another experiment
+    other = {**record, "train_seconds": record["train_seconds"] + 1.0}
+    assert not reproduce.shipped_from(models / "nuclei", "nuclei/final", other)  # another run of it
+    results["meta"] = {**meta, "command": "python experiments/reproduce.py --second"}
+    assert reproduce.ship_models(results, {job.name: job}, models) == [models / "nuclei"]
+    assert (models / "nuclei" / "weights.safetensors").read_bytes() == weights  # the same weights
+    config = json.loads((models / "nuclei" / "config.json").read_text())
+    assert config["provenance"]["training"]["command"].endswith("--second")
+    assert "--second" in (models / "nuclei" / "MODEL_CARD.md").read_text()
+    card = (models / "nuclei" / "MODEL_CARD.md").read_text()
+    results["final"]["nuclei"] = other  # a record the shipped model was not made by: nothing is touched
+    assert reproduce.ship_models(results, {job.name: job}, models) == []
+    assert (models / "nuclei" / "MODEL_CARD.md").read_text() == card

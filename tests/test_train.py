@@ -464,6 +464,47 @@ def test_best_margin_lets_a_later_model_of_nearly_the_highest_score_take_over(tm
         TrainConfig(best_margin=-0.1)
 
 
+def test_tune_postprocess_stores_the_tuned_options_in_best_and_last(tmp_path, monkeypatch):
+    from biounet.model import load_model
+    from biounet.prediction import predict
+    from biounet.training import _tune, tune_postprocess
+
+    samples = _tiny_samples(4)
+    config = TrainConfig.preset("fast", depth=2, base_channels=4, tile=76, batch_size=1, steps=4, val_every=2,
+                                tune_postprocess=True, deterministic=True)  # fmt: skip
+    calls = []
+
+    def chosen(probabilities, truth, postprocess):  # a stand-in that always "finds" threshold 0.45
+        calls.append(dict(postprocess))
+        return _tune.TunedPostprocess({**postprocess, "threshold": 0.45}, 0.75, 0.5, {"threshold": (0.45,)})
+
+    monkeypatch.setattr(_tune, "tune_postprocess", chosen)
+    train(samples[:3], tmp_path / "stub", config, val_samples=samples[3:], progress=False)
+    train(samples[:3], tmp_path / "stub", config, val_samples=samples[3:], progress=False, resume=True)  # finished
+    assert calls == [config.postprocess] * 4  # best and last, twice; from the recipe's options each time
+    for name in ("best", "last"):
+        model = load_model(tmp_path / "stub" / name)
+        assert model.info.postprocess == {**config.postprocess, "threshold": 0.45}
+        tuning = model.info.provenance["postprocess_tuned"]
+        assert (tuning["before"], tuning["after"], tuning["grid"]) == (0.5, 0.75, {"threshold": [0.45]})
+    monkeypatch.undo()
+    train(samples[:3], tmp_path / "run", config, val_samples=samples[3:], progress=False)
+    for name in ("best", "last"):
+        model = load_model(tmp_path / "run" / name)
+        tuning = model.info.provenance["postprocess_tuned"]
+        assert tuning["images"] == 1 and tuning["grid"]["threshold"] == [0.3, 0.4, 0.5, 0.6, 0.7]
+        assert set(model.info.postprocess) <= {"split", "min_size", "threshold", "min_seed_height"}
+        # the same search again, on the saved model's probabilities, from the recipe's post-processing
+        again = tune_postprocess([predict(model, samples[3].image, progress=False)], [samples[3].labels],
+                                 config.postprocess)  # fmt: skip
+        assert again.options == model.info.postprocess
+        assert (again.default_score, again.score) == pytest.approx((tuning["before"], tuning["after"]))
+    with pytest.raises(ValueError, match="tune_postprocess must be true or false, got 1"):
+        TrainConfig().updated(["tune_postprocess=1"])
+    with pytest.raises(ValueError, match="pick must be one of 'images', 'pixels', 'objects', got 'area'"):
+        TrainConfig().updated(["pick=area"])
+
+
 def test_luminance_recipe_trains_on_rgb_and_the_model_converts_rgb(tmp_path):
     from skimage.color import rgb2gray
 
@@ -654,7 +695,7 @@ def test_config_sections_hold_every_field_exactly_once():
     assert tuple(TrainConfig.SECTIONS) == TABLES
     listed = [name for names in TrainConfig.SECTIONS.values() for name in names]
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    assert len(listed) == len(set(listed)) == len(fields) == 37
+    assert len(listed) == len(set(listed)) == len(fields) == 39
     assert set(listed) == set(fields)
     assert TrainConfig.SECTIONS["optimization"] == ("optimizer", "lr", "momentum", "weight_decay", "schedule",
                                                      "warmup", "steps", "minutes")  # fmt: skip
@@ -666,7 +707,7 @@ def test_config_sections_hold_every_field_exactly_once():
     {"norm": None, "normalization": None, "minutes": 2.5, "tile": "auto"},
     {"lr": 1e-05, "weight_decay": 0.1 + 0.2, "dropout": 0.0, "w0": 0, "augment": False, "channels_last": False},
     {"target": "border", "split": "border", "min_size": 12, "best_by": "v_rand", "color": "luminance",
-     "background": "dark", "best_margin": 0.05},
+     "background": "dark", "best_margin": 0.05, "pick": "objects", "tune_postprocess": True},
     {"tile": 204, "depth": 3, "padding": "same", "norm": "group", "seed": 2**63 - 1, "precision": "bfloat16"},
 ])  # fmt: skip
 def test_to_toml_round_trips_and_writes_the_tables(tmp_path, preset, overrides):
@@ -686,7 +727,8 @@ _FIELDS = {
     "dropout": st.floats(0, 1, exclude_max=True), "tile": st.one_of(st.just("auto"), _POSITIVE_INT),
     "batch_size": _POSITIVE_INT, "color": st.sampled_from(["keep", "luminance"]),
     "background": st.sampled_from(["as-is", "dark", "inverted"]), "precise_bn": st.integers(0, 1000),
-    "best_margin": st.floats(0, 1),
+    "best_margin": st.floats(0, 1), "pick": st.sampled_from(["images", "pixels", "objects"]),
+    "tune_postprocess": st.booleans(),
     "normalization": st.one_of(st.none(), st.tuples(st.floats(0, 49.9), st.floats(50, 100))),
     "augment": st.booleans(), "elastic_std": _FINITE, "elastic_grid": st.integers(2, 9), "w0": _FINITE,
     "sigma": _FINITE, "dice": _FINITE, "optimizer": st.sampled_from(["sgd", "adam", "adamw"]),

@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     "split_samples": "_split",
     "Style": "_synthetic",
     "synthetic_cells": "_synthetic",
-    "Pick": "_tiles",
+    "Pick": "_samples",
     "TargetWindow": "_tiles",
     "Tile": "_tiles",
     "TileDataset": "_tiles",
@@ -78,6 +78,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         LabelFormat,
         LabelKind,
         PathLike,
+        Pick,
         Sample,
         TargetKind,
         make_sample,
@@ -85,7 +86,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from biounet.data._split import split_samples  # noqa: F401
     from biounet.data._synthetic import Style, synthetic_cells  # noqa: F401
-    from biounet.data._tiles import Pick, TargetWindow, Tile, TileDataset, extract_tile  # noqa: F401
+    from biounet.data._tiles import TargetWindow, Tile, TileDataset, extract_tile  # noqa: F401
     from biounet.data._weights import (  # noqa: F401
         ClassWeights,
         binary_to_instances,

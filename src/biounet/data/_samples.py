@@ -66,6 +66,8 @@ LabelKind = Literal["instances", "mask"]
 
 
 TargetKind = Literal["binary", "border"]
+#: How :class:`biounet.data.TileDataset` draws the image of each tile.
+Pick = Literal["images", "pixels", "objects"]
 
 
 @dataclass(frozen=True)

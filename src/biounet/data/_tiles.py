@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from biounet.borders import mirror_indices
-from biounet.data._samples import Sample, TargetKind
+from biounet.data._samples import Pick, Sample, TargetKind
 from biounet.data._weights import weight_map
 from biounet.errors import InputError
 from biounet.io._intensity import Background, normalize_percentile
 
-Pick = Literal["images", "pixels"]
 TargetWindow = Literal["output", "input"]
 
 
@@ -146,9 +145,11 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
         Items per epoch.
     seed : int
         Seed of the draws (>= 0).
-    pick : {"images", "pixels"}
-        Choose samples with equal probability, or in proportion to their number of windows
-        (every pixel of the data set equally likely).
+    pick : {"images", "pixels", "objects"}
+        Choose samples with equal probability, in proportion to their number of windows
+        (every pixel of the data set equally likely), or in proportion to their number of
+        labelled objects, at least 1 (every object about equally often in a tile: a few large
+        images of many small nuclei are not drowned by many small images of a few large ones).
     normalization : (float, float) or None
         Percentiles mapped to 0 and 1 per image and channel by
         :func:`biounet.io.normalize_percentile` (as the predictor does), or None for raw
@@ -196,8 +197,8 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
             raise InputError(f"length must be a positive integer, got {length!r}")
         if not isinstance(seed, int | np.integer) or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-        if pick not in ("images", "pixels"):
-            raise InputError(f"pick must be 'images' or 'pixels', got {pick!r}")
+        if pick not in get_args(Pick):
+            raise InputError(f"pick must be one of {', '.join(map(repr, get_args(Pick)))}, got {pick!r}")
         if targets not in ("output", "input"):
             raise InputError(f"targets must be 'output' or 'input', got {targets!r}")
         channels = {s.image.shape[2:] for s in samples}
@@ -211,8 +212,7 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
             np.asarray(weight_fn(s.separated), dtype=np.float32)
             for s in tqdm(samples, desc="weight maps", disable=not progress)
         ]
-        windows = np.array([(t.shape[0] + out[0] - 1) * (t.shape[1] + out[1] - 1) for t in self._targets], float)
-        self._p = windows / windows.sum() if pick == "pixels" else np.full(len(samples), 1 / len(samples))
+        self._p = _pick_probabilities(samples, out, pick)
 
     def __len__(self) -> int:
         return self.length
@@ -233,6 +233,18 @@ class TileDataset(torch.utils.data.Dataset[Tile]):
         )
         target = torch.from_numpy(target.astype(np.uint8, copy=False))  # classes: 8x less to copy, no range check
         return Tile(torch.from_numpy(image), target, torch.from_numpy(weight))
+
+
+def _pick_probabilities(samples: Sequence[Sample], output_size: tuple[int, int], pick: Pick) -> np.ndarray:
+    """The probability of drawing each sample: equal, by its output windows, or by its objects (>= 1)."""
+    if pick == "pixels":
+        sizes = [(s.labels.shape[0] + output_size[0] - 1) * (s.labels.shape[1] + output_size[1] - 1) for s in samples]
+    elif pick == "objects":
+        sizes = [max(len(np.unique(s.labels)) - int((s.labels == 0).any()), 1) for s in samples]
+    else:
+        sizes = [1] * len(samples)
+    weights = np.asarray(sizes, dtype=float)
+    return weights / weights.sum()
 
 
 def as_pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:

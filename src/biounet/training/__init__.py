@@ -1,7 +1,7 @@
 """Training: the recipe (``_config``), the loop (``_loop``), optimiser and schedule (``_optim``),
-losses (``_losses``), validation (``_validation``), time budgets and automatic tiles
-(``_budget``), checkpoints and exact resumption (``_checkpoint``), distributed runs
-(``_distributed``) and logs (``_logs``)."""
+losses (``_losses``), validation (``_validation``), post-processing tuned on the validation
+images (``_tune``), time budgets and automatic tiles (``_budget``), checkpoints and exact
+resumption (``_checkpoint``), distributed runs (``_distributed``) and logs (``_logs``)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ _EXPORTS: dict[str, str] = {
     "weighted_cross_entropy": "_losses",
     "lr_factor": "_optim",
     "make_optimizer": "_optim",
+    "SEED_OPTIONS": "_tune",
+    "THRESHOLDS": "_tune",
+    "TunedPostprocess": "_tune",
+    "postprocess_grid": "_tune",
+    "tune_postprocess": "_tune",
     "VALIDATION_SCORES": "_validation",
     "evaluate_samples": "_validation",
 }
@@ -74,4 +79,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from biounet.training._loop import Status, train, train_steps  # noqa: F401
     from biounet.training._losses import soft_dice_loss, weighted_cross_entropy  # noqa: F401
     from biounet.training._optim import lr_factor, make_optimizer  # noqa: F401
+    from biounet.training._tune import (  # noqa: F401
+        SEED_OPTIONS,
+        THRESHOLDS,
+        TunedPostprocess,
+        postprocess_grid,
+        tune_postprocess,
+    )
     from biounet.training._validation import VALIDATION_SCORES, evaluate_samples  # noqa: F401

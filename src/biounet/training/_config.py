@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from biounet.data._samples import Pick
 from biounet.errors import InputError
 from biounet.io._intensity import Background
 from biounet.model import MAX_CHANNELS, ModelInfo, UNet, UNetConfig
@@ -69,7 +70,12 @@ class TrainConfig:
     fluorescence), for training and, stored with the model, at prediction.
     ``target = "border"`` trains 3 classes (background, cell interior, cell border:
     :meth:`biounet.data.Sample.class_target`) instead of the paper's 2, and goes with
-    ``split = "border"``: objects grow from the interiors.
+    ``split = "border"``: objects grow from the interiors. ``pick`` chooses the image of each
+    training tile: every image equally often (``"images"``), in proportion to its pixels or to
+    its labelled objects (:class:`biounet.data.TileDataset`). ``tune_postprocess = true``
+    tunes the post-processing's threshold and seed setting of the ``best`` and ``last``
+    models on the validation images at the end (:func:`biounet.training.tune_postprocess`);
+    the models store the values chosen.
 
     The fields are flat (``config.lr``) and also grouped into TOML tables, :attr:`SECTIONS`
     (``[optimization] lr``): :meth:`from_toml` reads either form, :meth:`to_toml` writes the
@@ -81,11 +87,11 @@ class TrainConfig:
     #: them; every field is in exactly one table.
     SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
         "network": ("depth", "base_channels", "padding", "norm", "dropout"),
-        "data": ("tile", "batch_size", "normalization", "color", "background", "target"),
+        "data": ("tile", "batch_size", "normalization", "color", "background", "target", "pick"),
         "augmentation": ("augment", "elastic_std", "elastic_grid"),
         "loss": ("w0", "sigma", "dice"),
         "optimization": ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "steps", "minutes"),
-        "postprocess": ("split", "min_size"),
+        "postprocess": ("split", "min_size", "tune_postprocess"),
         "run": ("val_every", "precise_bn", "checkpoint_every", "best_by", "best_margin", "seed", "deterministic",
                 "precision", "compile", "channels_last"),
     }  # fmt: skip
@@ -106,6 +112,7 @@ class TrainConfig:
     elastic_std: float = 10.0
     elastic_grid: int = 3
     target: Literal["binary", "border"] = "binary"
+    pick: Pick = "images"
     # optimisation
     optimizer: Optimizer = "sgd"
     lr: float = 0.01
@@ -117,6 +124,7 @@ class TrainConfig:
     dice: float = 0.0
     split: Literal["none", "distance", "probability", "border"] = "none"
     min_size: int = 0
+    tune_postprocess: bool = False
     # bookkeeping
     val_every: int = 500
     precise_bn: int = 0
@@ -239,7 +247,7 @@ class TrainConfig:
 
     @property
     def postprocess(self) -> dict[str, Any]:
-        """The post-processing stored with the model (:func:`biounet.postprocess.probabilities_to_labels`)."""
+        """The post-processing stored with a new model (:func:`biounet.postprocess.probabilities_to_labels`)."""
         return {"split": self.split, "min_size": self.min_size}
 
     def net_config(self, in_channels: int, num_classes: int = 2) -> UNetConfig:
@@ -255,7 +263,7 @@ class TrainConfig:
 #: Fields that must be positive integers (``tile`` may also be ``"auto"``).
 _POSITIVE = ("depth", "base_channels", "batch_size", "steps", "val_every", "checkpoint_every", "tile")
 #: Fields with a fixed set of string values (the values: their ``Literal`` annotations).
-_CHOICES = ("optimizer", "schedule", "split", "precision", "best_by", "color", "background")
+_CHOICES = ("optimizer", "schedule", "split", "precision", "best_by", "color", "background", "pick")
 #: Fields that must be finite numbers >= 0.
 _AT_LEAST_ZERO = ("w0", "sigma", "elastic_std", "dice", "weight_decay", "warmup", "best_margin")
 #: The deepest network (:class:`UNetConfig`: up to 8 poolings).

@@ -250,14 +250,14 @@ def _start_run(
     tiles = TileDataset(
         samples, tile_in, tile_out, targets="input", kind=config.target, length=(config.steps if config.minutes is None else 10**9) * config.batch_size,
         seed=config.seed * 1000 + rank,
-        normalization=config.normalization, background=config.background,
+        pick=config.pick, normalization=config.normalization, background=config.background,
         weight_fn=lambda labels: weight_map(labels, w0=config.w0, sigma=config.sigma),
     )  # fmt: skip
     bn_tiles = None
     if config.precise_bn and batch_norm_layers(model):  # images only: no weight maps
         bn_tiles = TileDataset(samples, tile_in, tile_out, kind=config.target, length=config.precise_bn * config.batch_size,
                                seed=config.seed * 1000 + PRECISE_BN_SEED, normalization=config.normalization,
-                               background=config.background, weight_fn=lambda labels: np.zeros(labels.shape, np.float32))  # fmt: skip
+                               pick=config.pick, background=config.background, weight_fn=lambda labels: np.zeros(labels.shape, np.float32))  # fmt: skip
     crop = (tile_in - tile_out) // 2
     run = _Run(
         config=config, run_dir=run_dir, device=device_, rank=rank, world=world, model=model,
@@ -399,6 +399,8 @@ def _finish(run: _Run) -> None:
     if run.rank == 0:
         if not run.val_samples or not (run.run_dir / "best").is_dir():  # no validation or no finite score
             run.model.save(run.run_dir / "best")
+        if run.config.tune_postprocess and run.val_samples:
+            _tune_saved_models(run)
         rows = CsvLog.read(run.run_dir / "log.csv")
         plot_curves(rows, run.run_dir / "curves.png", title=str(run.run_dir.name))
         chosen = (f"highest validation {run.config.best_by} {run.best:.4f}, best model of step {run.best_step}"
@@ -406,6 +408,35 @@ def _finish(run: _Run) -> None:
         log.info("done: %s steps, loss %s, %s, run folder %s", rows[-1]["step"], rows[-1]["loss"], chosen, run.run_dir)
     if run.world > 1:
         check_replicas_agree(run.model, run.run_dir, run.rank, run.world)
+
+
+def _tune_saved_models(run: _Run) -> None:
+    """``tune_postprocess``: the post-processing of ``best`` and ``last`` tuned on the validation images.
+
+    Each model's probabilities are predicted once; :func:`tune_postprocess` picks, starting
+    from the recipe's post-processing (so a resumed run that finishes again chooses the same),
+    the threshold and seed setting with the highest mean AP at IoU 0.5, and the model is
+    saved again with them and, in its provenance, what was tried, the scores before and after
+    and the seconds it took (after the time budget, if any). Rank 0 does it alone while the
+    other ranks wait at the replica check.
+    """
+    from biounet.model import load_model
+    from biounet.prediction._stitch import predict
+    from biounet.training._tune import tune_postprocess
+
+    truth = [s.labels for s in run.val_samples]
+    for name in ("best", "last"):
+        started = time.perf_counter()
+        model = load_model(run.run_dir / name, device=run.device)
+        probabilities = [predict(model, s.image, channel_axis=None if s.image.ndim == 2 else -1, device=run.device,
+                                 progress=False) for s in run.val_samples]  # fmt: skip
+        tuned = tune_postprocess(probabilities, truth, run.config.postprocess)
+        tuning = {"images": len(truth), "grid": {k: list(v) for k, v in tuned.grid.items()}, "by": "ap",
+                  "before": tuned.default_score, "after": tuned.score,
+                  "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        model.info = dataclasses.replace(model.info, postprocess=tuned.options,
+                                         provenance={**model.info.provenance, "postprocess_tuned": tuning})  # fmt: skip
+        model.save(run.run_dir / name)
 
 
 def _as_input(samples: list[Any], color: Color) -> list[Any]:
