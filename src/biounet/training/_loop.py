@@ -421,15 +421,14 @@ def _tune_saved_models(run: _Run) -> None:
     other ranks wait at the replica check.
     """
     from biounet.model import load_model
-    from biounet.prediction._stitch import predict
     from biounet.training._tune import tune_postprocess
+    from biounet.training._validation import predict_sample
 
     truth = [s.labels for s in run.val_samples]
     for name in ("best", "last"):
         started = time.perf_counter()
         model = load_model(run.run_dir / name, device=run.device)
-        probabilities = [predict(model, s.image, channel_axis=None if s.image.ndim == 2 else -1, device=run.device,
-                                 progress=False) for s in run.val_samples]  # fmt: skip
+        probabilities = [predict_sample(model, s, run.device) for s in run.val_samples]
         tuned = tune_postprocess(probabilities, truth, run.config.postprocess)
         tuning = {"images": len(truth), "grid": {k: list(v) for k, v in tuned.grid.items()}, "by": "ap",
                   "before": tuned.default_score, "after": tuned.score,

@@ -15,6 +15,14 @@ from biounet.model import UNet
 VALIDATION_SCORES = ("pixel_error", "iou", "f1", "ap", "v_rand")
 
 
+def predict_sample(model: UNet, sample: Any, device: str | torch.device) -> np.ndarray:
+    """Class probabilities of one annotated sample's image (gray, or channels last)."""
+    from biounet.prediction._stitch import predict
+
+    channel_axis = None if sample.image.ndim == 2 else -1
+    return predict(model, sample.image, channel_axis=channel_axis, device=device, progress=False)
+
+
 def evaluate_samples(
     model: UNet, samples: Sequence[Any], *, device: str | torch.device | None = None, v_rand: bool = True
 ) -> dict[str, float]:
@@ -38,14 +46,12 @@ def evaluate_samples(
     from biounet.metrics._isbi import isbi_scores
     from biounet.metrics._instances import score_instances
     from biounet.postprocess import foreground_probability, labels_from_probabilities
-    from biounet.prediction._stitch import predict
 
     device = device if device is not None else next(model.parameters()).device
     wrong = union = inter = total = 0
     f1, ap, rands = [], [], []
     for sample in samples:
-        channel_axis = None if sample.image.ndim == 2 else -1
-        prob = predict(model, sample.image, channel_axis=channel_axis, device=device, progress=False)
+        prob = predict_sample(model, sample, device)
         foreground = foreground_probability(prob)
         labels = labels_from_probabilities(prob, **model.info.postprocess)
         scores = score_instances(sample.labels, labels, thresholds=(0.5,))
