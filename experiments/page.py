@@ -22,6 +22,9 @@ from common import (
 
 EM_HEADER = ["model", "V_rand ↑", "V_info ↑", "Rand error ↓", "pixel error ↓", "warping error ↓"]
 NUCLEI_HEADER = ["model", "foreground IoU ↑", "SEG ↑", "F1 @ 0.5 ↑", "AP @ 0.5 ↑", "merged touching pairs ↓"]
+#: The nuclei ablation row made without training: the baseline's own models, the recipe's options untuned.
+FIXED_POSTPROCESS = ("the same models with the recipe's fixed post-processing, not tuned: p(cell) > 0.5, seed height "
+                     "2 px (`tune_postprocess = false`; paired, the same probabilities)")
 TITLES = {"em": "ISBI 2012 EM", "nuclei": "Nuclei"}
 
 
@@ -208,10 +211,8 @@ def _nuclei_section(record: dict, meta: dict, figure: str | None) -> list[str]:
         f"Split: stratified by the manifest's category, {meta['val_fraction']:.0%} of each category held out "
         f"(rounded up), seed {meta['split_seed']} (`common.stratified_split`): {len(record['key']['train'])} "
         f"training and {len(val)} validation images (" + ", ".join(f"{n} {c}" for c, n in counts.items()) + "). "
-        "Colour images are read as luminance. Objects: `biounet.postprocess.probabilities_to_labels` on "
-        f"p(cell) > 0.5 with the recipe's post-processing (`split = \"{record['key']['config']['split']}\"`, "
-        f"`min_size = {record['key']['config'].get('min_size', 0)}`; "
-        "the peer's probabilities get the same), the labels `biounet predict` writes. Scores are per validation "
+        "Colour images are read as luminance. Objects: `biounet.postprocess.probabilities_to_labels` "
+        + _objects_words(record) + ", the labels `biounet predict` writes. Scores are per validation "
         "image, mean ± standard deviation over images. A touching pair is two true nuclei with 4-adjacent "
         "pixels; it is merged when one predicted object covers more than half of each.", "",
         markdown_table(NUCLEI_HEADER, [nuclei_row(LABELS["unet"], val),
@@ -225,6 +226,37 @@ def _nuclei_section(record: dict, meta: dict, figure: str | None) -> list[str]:
         lines += [f"![Nuclei image: input, prediction, ground truth, errors]({figure})", ""]
     return lines + ["<details><summary>Validation image ids</summary>", "",
                     ", ".join(f"`{n}`" for n in record["key"]["test"]), "", "</details>", ""]  # fmt: skip
+
+
+def _objects_words(record: dict) -> str:
+    """How the nuclei section's objects are made: the recipe's post-processing, tuned or fixed."""
+    config = record["key"]["config"]
+    fixed = f"`split = \"{config['split']}\"`, `min_size = {config.get('min_size', 0)}`"
+    if not config.get("tune_postprocess"):
+        return f"on p(cell) > 0.5 with the recipe's post-processing ({fixed}; the peers' probabilities get the same)"
+    tuned = ", ".join(f"`{k} = {v}`" for k, v in record["postprocess"]["plain"].items()
+                      if k in ("threshold", "min_seed_height", "seed_threshold"))  # fmt: skip
+    return (f"with the recipe's post-processing ({fixed}) and the threshold and seed setting each U-Net tuned on its "
+            f"validation images after training (`tune_postprocess`; this one: {tuned or 'the defaults'}); the peers' "
+            "probabilities get the untuned options (p(cell) > 0.5, seed height 2 px)")
+
+
+def _fixed_rows(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """The baseline's models scored again with the recipe's fixed post-processing: a row and a line per seed.
+
+    Paired: the same probabilities, so the difference is the tuning's alone, not the run's.
+    """
+    runs = [v for v in ("unet", *SEED_VARIANTS["unet"]) if "fixed" in results["nuclei"].get(v, {})]
+    if "unet" not in runs:
+        return [], []
+    row = [FIXED_POSTPROCESS, *nuclei_row("fixed", results["nuclei"]["unet"]["fixed"])[1:]]
+    def pair(v: str) -> str:
+        tuned, fixed = (mean_nuclei_scores(results["nuclei"][v][run]) for run in ("plain", "fixed"))
+        return f"{tuned['ap']:.3f} / {fixed['ap']:.3f} (merged {tuned['merged']} / {fixed['merged']})"
+
+    seeds = ", ".join(str(results["nuclei"][v]["key"]["config"]["seed"]) for v in runs)
+    return [row], [f"- post-processing tuned / fixed, the same models, seeds {seeds}: AP @ 0.5 "
+                   + ", ".join(pair(v) for v in runs)]
 
 
 def _ablation_section(results: dict[str, Any]) -> list[str]:
@@ -254,9 +286,12 @@ def _ablation_section(results: dict[str, Any]) -> list[str]:
                 rows.append([change, where, *em_row(v, records, "plain")[1:], seam])
             else:
                 rows.append([change, *nuclei_row(v, results["nuclei"][v]["plain"])[1:]])
+        fixed_rows, fixed_lines = _fixed_rows(results) if dataset == "nuclei" else ([], [])
+        rows[1:1] = fixed_rows
         header = ["change", *(["folds", *EM_HEADER[1:], "seam"] if dataset == "em" else NUCLEI_HEADER[1:])]
         lines += [f"**{TITLES[dataset]}**", "", markdown_table(header, rows), ""]
-        lines += _seed_spread(results, dataset)
+        seeds = _seed_spread(results, dataset)
+        lines += (seeds[:-1] + fixed_lines + [""]) if seeds else (fixed_lines + [""] if fixed_lines else [])
     return lines
 
 
@@ -452,7 +487,7 @@ def model_card(name: str, job_name: str, record: dict, provenance: dict, results
         "## Data", "", data, "",
         "## Recipe", "",
         f"`{job_name}` of `{meta['command']}`: {config_summary(key['config'])}. Parameters: {record['parameters']:,}. "
-        f"Input normalisation: percentiles {key['config']['normalization']} per image.", "",
+        f"Input normalisation: percentiles {key['config']['normalization']} per image.{_tuned_words(evaluation)}", "",
         "## Scores", "",
         f"{scored_on}; recorded in `config.json` (`provenance.evaluation`) and checked by "
         "`tests/test_shipped_models.py`.", "",
@@ -461,6 +496,16 @@ def model_card(name: str, job_name: str, record: dict, provenance: dict, results
         "## Use", "", "```", f"biounet predict --model {name} IMAGE -o OUT", *_export_lines(name, key["config"]), "```",
         "",
     ])  # fmt: skip
+
+
+def _tuned_words(evaluation: dict) -> str:
+    """The card's sentence on post-processing taken from the split's run (``ship_postprocess``), or nothing."""
+    tuned = evaluation.get("postprocess")
+    if not tuned:
+        return ""
+    options = ", ".join(f"`{k} = {v}`" for k, v in tuned["options"].items())
+    return (f" Post-processing: {options}, tuned by `{tuned['tuned_by']}` (the same recipe) on {tuned['on']}; this "
+            "model was trained on every image, so none was left to tune on.")
 
 
 def _export_lines(name: str, config: dict) -> list[str]:

@@ -287,14 +287,22 @@ def run_job(
             # the U-Net's own (tuned on its validation images with tune_postprocess); the recipe's for the peer
             postprocess = (models["best" if label == "best" else "last"].info.postprocess if models
                            else job.config.postprocess)  # fmt: skip
-            record[label] = [{"name": s.name, "category": job.categories.get(s.name, ""),
-                              **common.nuclei_scores(s.labels, p, postprocess)}
-                             for s, p in zip(job.test, probabilities, strict=True)]  # fmt: skip
+            record[label] = _nuclei_records(job, probabilities, postprocess)
+            record.setdefault("postprocess", {})[label] = postprocess
+            if label == "plain" and postprocess != job.config.postprocess:  # the same model, the recipe's options
+                record["fixed"] = _nuclei_records(job, probabilities, job.config.postprocess)
     if job.dataset == "em" and job.variant not in PEERS:
         record["seam"] = seam_error(models["last"], job.test[0].image, job.config, device)
     record["score_seconds"] = time.perf_counter() - started - seconds
     _keep(record, record_path, job, store)
     return record, False
+
+
+def _nuclei_records(job: Job, probabilities: Sequence[np.ndarray], postprocess: dict[str, Any]) -> list[dict]:
+    """Per test image: its name, category and :func:`common.nuclei_scores` with ``postprocess``."""
+    return [{"name": s.name, "category": job.categories.get(s.name, ""),
+             **common.nuclei_scores(s.labels, p, postprocess)}
+            for s, p in zip(job.test, probabilities, strict=True)]  # fmt: skip
 
 
 def _keep(record: dict[str, Any], record_path: Path, job: Job, store: Path | None) -> None:
@@ -397,7 +405,8 @@ def final_jobs(
         samples = {s.name: s for s in load_dataset(root / NUCLEI_DIR, layout="folders", as_gray=True)}
         jobs.append(Job("nuclei", "unet", None, pick([samples[i] for i in sorted(categories)]),
                         pick([samples[i] for i in val_ids]),
-                        dataclasses.replace(make_config("nuclei", "unet"), minutes=minutes),
+                        # nothing is held out to tune on: the model ships with the split's tuned options
+                        dataclasses.replace(make_config("nuclei", "unet"), minutes=minutes, tune_postprocess=False),
                         out / "nuclei" / "final", categories, final=True))  # fmt: skip
     return jobs
 
@@ -444,13 +453,15 @@ def write_figures(results: dict[str, Any], jobs: dict[str, Job], folder: Path, d
     return figures
 
 
-def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> list[Path]:
+def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path, *, device: str = "cpu",
+                store: Path | None = None) -> list[Path]:  # fmt: skip
     """Copy the best EM and nuclei U-Nets into ``folder/<name>/`` with provenance and a model card.
 
     Only valid-padding U-Nets ship, the ones whose tiled prediction is exact (seam-free).
     EM: the variant with the highest mean held-out V_rand over its folds, and of it the fold
     model with the highest V_rand; nuclei: the variant with the highest mean validation AP
-    at IoU 0.5. Weights are stored as float16 if float32 would exceed 25 MB.
+    at IoU 0.5. Weights are stored as float16 if float32 would exceed 25 MB. A nuclei model
+    trained on every image takes the post-processing of the split (:func:`ship_postprocess`).
     """
     def exact(record: dict[str, Any]) -> bool:
         return record["key"]["variant"] not in PEERS and record["key"]["config"]["padding"] == "valid"
@@ -482,6 +493,8 @@ def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> 
             log.info("%s (%s): the shipped model is this record's; its card and provenance are rewritten", name,
                      job_name)  # fmt: skip
         model = load_model(source)
+        if jobs[job_name].final and jobs[job_name].dataset == "nuclei":
+            ship_postprocess(model, jobs[job_name], record, results, device=device, store=store)
         provenance = {**model.info.provenance, **_provenance(name, job_name, record, len(options), results)}
         model.info = dataclasses.replace(model.info, provenance=provenance)
         if sum(p.numel() * 4 for p in model.parameters()) > SHIP_LIMIT_BYTES:
@@ -502,6 +515,37 @@ def ship_models(results: dict[str, Any], jobs: dict[str, Job], folder: Path) -> 
         written.append(target)
         log.info("shipped %s (%s) to %s", name, job_name, target)
     return written
+
+
+def ship_postprocess(model: UNet, job: Job, record: dict[str, Any], results: dict[str, Any], *, device: str,
+                     store: Path | None) -> None:  # fmt: skip
+    """Give a nuclei model trained on every image the post-processing its recipe tuned on the split.
+
+    With ``tune_postprocess`` a run tunes its threshold and seed height on its validation
+    images; one trained on every image has none, so it takes the options that the same
+    recipe's run on the split (``nuclei/unet``, its last model, as the last model ships)
+    tuned on the split's validation images, never on the images it is scored on here. Its
+    recorded images are scored again with them, once: ``record["shipped"]`` keeps the options
+    and the scores (``plain``, ``tta``), and the record is saved again. Without tuning in
+    the recipe the model keeps its own options. ``model.info`` is replaced, nothing else.
+    """
+    split = results["nuclei"].get("unet")
+    if not split or not split["key"]["config"].get("tune_postprocess") or "postprocess" not in split:
+        return
+    options = split["postprocess"]["plain"]
+    model.info = dataclasses.replace(model.info, postprocess=options)
+    if record.get("shipped", {}).get("postprocess") == options:
+        return
+    log.info("%s: scoring its %d images again with the split's tuned post-processing %s", job.name, len(job.test),
+             options)  # fmt: skip
+    record["shipped"] = {"postprocess": options, "from": "nuclei/unet"}
+    for run, tta in (("plain", False), ("tta", True)):
+        probabilities = [unet_predict(model, s.image, job.config, tta=tta, device=device) for s in job.test]
+        record["shipped"][run] = _nuclei_records(job, probabilities, options)
+    if job.run_dir.is_dir():
+        _write_json(job.run_dir / "record.json", record)
+    if store is not None and stored_record_path(job, store).is_file():
+        _write_json(stored_record_path(job, store), record)
 
 
 def shipped_from(shipped: Path, job_name: str, record: dict[str, Any]) -> bool:
@@ -532,7 +576,9 @@ def _provenance(name: str, job_name: str, record: dict, n_options: int, results:
     """
     meta, em, final = results["meta"], record["key"]["dataset"] == "em", job_name.endswith("/final")
 
-    def summary(run: str, of: Any = record) -> dict[str, float] | None:
+    scored = record.get("shipped", record)  # a nuclei model shipped with the split's post-processing: its scores
+
+    def summary(run: str, of: Any = scored) -> dict[str, float] | None:
         if run not in of:
             return None
         return of[run] if em else common.mean_nuclei_scores(of[run])
@@ -548,6 +594,9 @@ def _provenance(name: str, job_name: str, record: dict, n_options: int, results:
         "trained_on_images": final, "tta": False, "scores": summary("plain"), "scores_tta": summary("tta"),
         "how": "experiments/common.py: " + ("em_scores" if em else "nuclei_scores, mean over images"),
     }  # fmt: skip
+    if "shipped" in record:  # ship_postprocess
+        evaluation["postprocess"] = {"options": record["shipped"]["postprocess"], "tuned_by": record["shipped"]["from"],
+                                     "on": "the validation images of the split (tune_postprocess)"}  # fmt: skip
     reference = results["em" if em else "nuclei"].get("unet")
     if final and reference:
         records = reference if em else [reference]
@@ -739,8 +788,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }  # fmt: skip
     figures = write_figures(results, book["done"], args.figures, args.device)
     if args.ship:
-        ship_models(results, book["done"], args.ship)
+        ship_models(results, book["done"], args.ship, device=args.device, store=args.records)
     results["meta"]["wall_seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)  # absent on a fresh clone that reuses every record
     _write_json(args.out / "results.json", results)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.results) as tmp:

@@ -244,7 +244,7 @@ def test_each_ablation_changes_exactly_one_field(dataset, variant):
                        "float32": {"precision", "channels_last"},
                        "previous-recipe": {"depth", "tile", "batch_size"}, "border-class": {"target", "split"},
                        "wide": {"base_channels"}, "precise-bn": {"precise_bn"}, "seed-1": {"seed"}, "seed-2": {"seed"},
-                       "pick-objects": {"pick"}, "tuned-postprocess": {"tune_postprocess"},
+                       "pick-objects": {"pick"},
                        # the EM recipe takes images as they are already (the ablation runs on the nuclei only)
                        "as-is-background": {"background"} if dataset == "nuclei" else set()}[variant]
     assert base["steps"] == 50 and base["base_channels"] == 16
@@ -253,7 +253,8 @@ def test_each_ablation_changes_exactly_one_field(dataset, variant):
 def test_recipe_line_names_the_fields_away_from_their_defaults():
     nuclei = page_module.config_summary(dataclasses.asdict(reproduce.experiment_config("nuclei", "unet", "fast", 5, [])))
     em = page_module.config_summary(dataclasses.asdict(reproduce.experiment_config("em", "unet", "fast", 5, [])))
-    assert nuclei.endswith('background "dark" (bright-background images inverted), best by ap with margin 0.05')
+    assert nuclei.endswith('background "dark" (bright-background images inverted), best by ap with margin 0.05, '
+                           "threshold and seed height tuned on the validation images")  # fmt: skip
     assert em.endswith("objects under 0 px removed, best by v_rand with margin 0.01")
     border = dataclasses.asdict(reproduce.experiment_config("nuclei", "border-class", "fast", 5, []))
     assert 'target "border"' in page_module.config_summary(border)
@@ -395,6 +396,9 @@ def test_final_jobs_train_on_every_labelled_image(data_dir):
     assert {s.name for s in nuclei.test} <= {s.name for s in nuclei.train}  # a regression check, said so
     assert em.config.minutes == nuclei.config.minutes == 60.0 and em.final and nuclei.final
     assert em.config == dataclasses.replace(make_config("em", "unet"), minutes=60.0)
+    # nothing held out to tune on: the shipped model takes the split's tuned options (ship_postprocess)
+    assert make_config("nuclei", "unet").tune_postprocess and not nuclei.config.tune_postprocess
+    assert nuclei.config == dataclasses.replace(make_config("nuclei", "unet"), minutes=60.0, tune_postprocess=False)
 
 
 def test_final_records_are_kept_apart_from_the_experiments(monkeypatch, tmp_path):
@@ -416,7 +420,8 @@ def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
     page, figures = tmp_path / "results.md", tmp_path / "images"
     command = [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--quick", "--out", str(tmp_path / "run"),
                "--results", str(page), "--figures", str(figures), "--threads", "2", "--select", "0.2",
-               "--ship", str(tmp_path / "models"), "--ship-minutes", "0.03"]  # fmt: skip
+               "--ship", str(tmp_path / "models"), "--ship-minutes", "0.03",
+               "--records", str(tmp_path / "store")]  # fmt: skip
     if not peer_cellpose.PYTHON.is_file():  # its environment is made by `make peers` (CI does)
         command += ["--variants", ",".join(v for v in reproduce.VARIANTS if v != "cellpose")]
     env = {**os.environ, "BIOUNET_DATA": str(data_dir)}
@@ -461,6 +466,16 @@ def test_quick_run_writes_results_page_and_figures(tmp_path, data_dir):
         card = (tmp_path / "models" / name / "MODEL_CARD.md").read_text()
         assert "**not** an estimate" in card and "**Estimate.**" in card and "SMOKE-TEST MODEL" in card
     assert len(results["final"]["em"]["key"]["train"]) == 25 and len(results["final"]["nuclei"]["key"]["train"]) == 120
+    # a fresh clone: the run folder is gone, the records and the shipped models are kept; nothing trains again
+    shutil.rmtree(tmp_path / "run")
+    weights = (tmp_path / "models" / "nuclei" / "weights.safetensors").read_bytes()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert again["meta"]["trained_now"] == 0 and again["nuclei"]["unet"]["plain"] == results["nuclei"]["unet"]["plain"]
+    assert (tmp_path / "models" / "nuclei" / "weights.safetensors").read_bytes() == weights
+    assert "| " + " | ".join(page_module.nuclei_row("biounet U-Net", results["nuclei"]["unet"]["plain"])) + " |" in (
+        page.read_text())
 
 
 def test_a_shipped_model_is_recarded_from_its_record_without_the_run_folder(tmp_path):
@@ -487,3 +502,95 @@ def test_a_shipped_model_is_recarded_from_its_record_without_the_run_folder(tmp_
     results["final"]["nuclei"] = other  # a record the shipped model was not made by: nothing is touched
     assert reproduce.ship_models(results, {job.name: job}, models) == []
     assert (models / "nuclei" / "MODEL_CARD.md").read_text() == card
+
+
+def _tuned(job: reproduce.Job) -> dict:
+    return {**job.config.postprocess, "threshold": 0.7, "min_seed_height": 1.5}
+
+
+def _scores_with(model, job: reproduce.Job, postprocess: dict, tta: bool = False) -> list[dict]:
+    """Per test image, computed here from the model, apart from run_job and ship_postprocess."""
+    return [{"name": s.name, "category": "",
+             **common.nuclei_scores(s.labels, reproduce.unet_predict(model, s.image, job.config, tta=tta, device="cpu"),
+                                    postprocess)} for s in job.test]  # fmt: skip
+
+
+def test_a_tuned_model_is_scored_with_its_options_and_again_with_the_recipes(monkeypatch, tmp_path):
+    from biounet import load_model
+    from biounet.training import _tune
+
+    job = _tiny_job(tmp_path, steps=1)
+    job = dataclasses.replace(job, train=job.train[:1], val=job.train[1:])
+    assert job.config.tune_postprocess  # configs/nuclei.toml
+    tuned = _tuned(job)
+    monkeypatch.setattr(_tune, "tune_postprocess", lambda probabilities, labels, postprocess, grid=None:
+                        _tune.TunedPostprocess(tuned, 0.5, 0.4, {"threshold": (0.7,)}))  # fmt: skip
+    record, _ = reproduce.run_job(job, device="cpu", crop=None, progress=False)
+    last = load_model(job.run_dir / "last")
+    assert last.info.postprocess == tuned and record["postprocess"] == {"plain": tuned, "tta": tuned, "best": tuned}
+    assert record["plain"] == _scores_with(last, job, tuned)
+    assert record["fixed"] == _scores_with(last, job, job.config.postprocess)  # paired: the same model
+    untuned = dataclasses.replace(job, config=dataclasses.replace(job.config, tune_postprocess=False),
+                                  run_dir=tmp_path / "untuned")  # fmt: skip
+    record, _ = reproduce.run_job(untuned, device="cpu", crop=None, progress=False)
+    assert "fixed" not in record and record["postprocess"]["plain"] == job.config.postprocess
+
+
+def test_a_final_nuclei_model_ships_with_the_splits_tuned_postprocess(monkeypatch, tmp_path):
+    from biounet import load_model
+
+    job = dataclasses.replace(_tiny_job(tmp_path, steps=1), final=True)
+    store, models = tmp_path / "store", tmp_path / "models"
+    record, _ = reproduce.run_job(job, device="cpu", crop=None, progress=False, store=store)
+    tuned = _tuned(job)
+    config = {**record["key"]["config"], "tune_postprocess": True}
+    split = {**record, "key": {**record["key"], "config": config}, "postprocess": {"plain": tuned}}
+    meta = {"command": "python experiments/reproduce.py", "crop": None, "preset": "fast", "split_seed": 0,
+            "val_fraction": 0.2}  # fmt: skip
+    results = {"em": {}, "nuclei": {"unet": split}, "final": {"nuclei": record}, "meta": meta}
+    predictions = []
+    predict = reproduce.unet_predict
+    monkeypatch.setattr(reproduce, "unet_predict", lambda *a, **k: predictions.append(k["tta"]) or predict(*a, **k))
+    assert reproduce.ship_models(results, {job.name: job}, models, store=store) == [models / "nuclei"]
+    assert predictions == [False, True]  # one test image, plain and TTA
+    shipped = load_model(models / "nuclei")
+    assert shipped.info.postprocess == tuned
+    monkeypatch.setattr(reproduce, "unet_predict", predict)
+    plain, tta = _scores_with(shipped, job, tuned), _scores_with(shipped, job, tuned, tta=True)
+    assert record["shipped"] == {"postprocess": tuned, "from": "nuclei/unet", "plain": plain, "tta": tta}
+    evaluation = shipped.info.provenance["evaluation"]
+    assert evaluation["scores"] == common.mean_nuclei_scores(plain)
+    assert evaluation["scores_tta"] == common.mean_nuclei_scores(tta)
+    assert evaluation["postprocess"]["options"] == tuned and evaluation["postprocess"]["tuned_by"] == "nuclei/unet"
+    assert "tuned by `nuclei/unet`" in (models / "nuclei" / "MODEL_CARD.md").read_text()
+    kept = json.loads(reproduce.stored_record_path(job, store).read_text())  # scored once, kept with the record
+    assert kept["shipped"] == record["shipped"] and json.loads((job.run_dir / "record.json").read_text()) == kept
+    monkeypatch.setattr(reproduce, "unet_predict", lambda *a, **k: pytest.fail("scored again"))
+    assert reproduce.ship_models(results, {job.name: job}, models, store=store) == [models / "nuclei"]
+    monkeypatch.setattr(reproduce, "unet_predict", predict)
+    # a recipe without tuning: the model keeps its own options
+    results["nuclei"]["unet"] = {**split, "key": {**record["key"], "config": {**config, "tune_postprocess": False}}}
+    other = dataclasses.replace(job, run_dir=tmp_path / "other")
+    plain_record, _ = reproduce.run_job(other, device="cpu", crop=None, progress=False)
+    results["final"]["nuclei"] = plain_record
+    assert reproduce.ship_models(results, {job.name: other}, models) == [models / "nuclei"]
+    assert load_model(models / "nuclei").info.postprocess == job.config.postprocess and "shipped" not in plain_record
+
+
+def _nuclei_image(ap: float, merged: int = 0) -> dict:
+    return {"name": "x", "category": "c", "iou": ap, "seg": ap, "f1": ap, "ap": ap, "touching": 2, "merged": merged}
+
+
+def test_the_fixed_post_processing_row_pairs_the_same_models():
+    def run(seed: int, tuned: float, fixed: float) -> dict:
+        return {"key": {"config": {"seed": seed}}, "plain": [_nuclei_image(tuned)],
+                "fixed": [_nuclei_image(fixed, merged=1), _nuclei_image(fixed + 0.2)]}  # fmt: skip
+
+    results = {"nuclei": {"unet": run(0, 0.6, 0.5), "seed-1": run(1, 0.7, 0.65)}}
+    rows, lines = page_module._fixed_rows(results)
+    assert rows == [[page_module.FIXED_POSTPROCESS, "0.600 ± 0.141", "0.600 ± 0.141", "0.600 ± 0.141",
+                     "0.600 ± 0.141", "1 of 4"]]  # fmt: skip
+    assert lines == [("- post-processing tuned / fixed, the same models, seeds 0, 1: AP @ 0.5 0.600 / 0.600 "
+                      "(merged 0 / 1), 0.700 / 0.750 (merged 0 / 1)")]  # fmt: skip
+    del results["nuclei"]["unet"]["fixed"]  # an untuned baseline: no row
+    assert page_module._fixed_rows(results) == ([], [])
