@@ -255,8 +255,9 @@ def _fixed_rows(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
         return f"{tuned['ap']:.3f} / {fixed['ap']:.3f} (merged {tuned['merged']} / {fixed['merged']})"
 
     seeds = ", ".join(str(results["nuclei"][v]["key"]["config"]["seed"]) for v in runs)
+    means = [np.mean([mean_nuclei_scores(results["nuclei"][v][run])["ap"] for v in runs]) for run in ("plain", "fixed")]
     return [row], [f"- post-processing tuned / fixed, the same models, seeds {seeds}: AP @ 0.5 "
-                   + ", ".join(pair(v) for v in runs)]
+                   + ", ".join(pair(v) for v in runs) + f" (means {means[0]:.3f} / {means[1]:.3f})"]
 
 
 def _ablation_section(results: dict[str, Any]) -> list[str]:
@@ -290,8 +291,8 @@ def _ablation_section(results: dict[str, Any]) -> list[str]:
         rows[1:1] = fixed_rows
         header = ["change", *(["folds", *EM_HEADER[1:], "seam"] if dataset == "em" else NUCLEI_HEADER[1:])]
         lines += [f"**{TITLES[dataset]}**", "", markdown_table(header, rows), ""]
-        seeds = _seed_spread(results, dataset)
-        lines += (seeds[:-1] + fixed_lines + [""]) if seeds else (fixed_lines + [""] if fixed_lines else [])
+        notes = [line for line in _seed_spread(results, dataset) if line] + fixed_lines
+        lines += notes + [""] if notes else []
     return lines
 
 

@@ -289,7 +289,7 @@ def run_job(
                            else job.config.postprocess)  # fmt: skip
             record[label] = _nuclei_records(job, probabilities, postprocess)
             record.setdefault("postprocess", {})[label] = postprocess
-            if label == "plain" and postprocess != job.config.postprocess:  # the same model, the recipe's options
+            if label == "plain" and models and job.config.tune_postprocess:  # the same model, the recipe's options
                 record["fixed"] = _nuclei_records(job, probabilities, job.config.postprocess)
     if job.dataset == "em" and job.variant not in PEERS:
         record["seam"] = seam_error(models["last"], job.test[0].image, job.config, device)

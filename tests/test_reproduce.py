@@ -591,6 +591,6 @@ def test_the_fixed_post_processing_row_pairs_the_same_models():
     assert rows == [[page_module.FIXED_POSTPROCESS, "0.600 ± 0.141", "0.600 ± 0.141", "0.600 ± 0.141",
                      "0.600 ± 0.141", "1 of 4"]]  # fmt: skip
     assert lines == [("- post-processing tuned / fixed, the same models, seeds 0, 1: AP @ 0.5 0.600 / 0.600 "
-                      "(merged 0 / 1), 0.700 / 0.750 (merged 0 / 1)")]  # fmt: skip
+                      "(merged 0 / 1), 0.700 / 0.750 (merged 0 / 1) (means 0.650 / 0.675)")]  # fmt: skip
     del results["nuclei"]["unet"]["fixed"]  # an untuned baseline: no row
     assert page_module._fixed_rows(results) == ([], [])
