@@ -125,7 +125,8 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"{meta['reused']} from earlier invocations with identical settings.",
         f"- Hardware of this invocation: {hw['cpu']}; load average at start {hw['load']}{gpu}; device "
         f"`{hw['device']}`. Records reused from earlier invocations may come from another machine: *What ran* "
-        "names each model's; only rows made on the same machine compare at equal minutes.",
+        "names each model's and the day; only rows made on the same machine compare at equal minutes, and a cloud "
+        "machine of the same name can run at other speeds on other days (compare a model's steps/s across rows).",
         f"- Software: Python {hw['python']}, torch {hw['torch']}{monai}",
         *(f"- Recipe, {TITLES[d]} (`{meta['preset']}` preset + `configs/{d}.toml`): {config_summary(c)}"
           for d, c in meta["configs"].items()),
@@ -145,11 +146,16 @@ def _what_ran(results: dict[str, Any]) -> list[str]:
                      else f"{len(key['train'])} train / {len(key['test'])} validation images")  # fmt: skip
             steps = [r.get("steps_run", r["key"]["config"]["steps"]) for r in records]
             machines = dict.fromkeys(r.get("trained", {}).get("hardware", "not recorded") for r in records)
+            days = dict.fromkeys(r["trained"]["date"][:10] if "date" in r.get("trained", {}) else "not recorded"
+                                 for r in records)  # fmt: skip
+            rates = [n / s for n, s in zip(steps, seconds, strict=True)]
             rows.append([TITLES[dataset], LABELS[variant], where, budget(key["config"]),
                          f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}",
                          f"{records[0]['parameters']:,}", minutes(sum(seconds)),
-                         minutes(float(np.mean(seconds))), "; ".join(machines)])  # fmt: skip
-    header = ["data", "model", "trained on", "budget", "steps", "parameters", "training time", "per model", "machine"]
+                         minutes(float(np.mean(seconds))), f"{np.mean(rates):.2f}", "; ".join(machines),
+                         ", ".join(days)])  # fmt: skip
+    header = ["data", "model", "trained on", "budget", "steps", "parameters", "training time", "per model",
+              "steps/s", "machine", "trained"]
     lines = ["### What ran", "", markdown_table(header, rows), ""]
     skipped = list(dict.fromkeys(name.rsplit("/fold", 1)[0] for name in meta["skipped"]))
     if skipped:

@@ -161,18 +161,34 @@ def test_cellpose_runs_on_nuclei_only(tmp_path):
         *peer_cellpose.RECIPE_FIELDS, "cellpose", "version"}
 
 
-def test_what_ran_names_the_machine_each_model_was_trained_on(tmp_path):
+def test_what_ran_names_the_machine_day_and_speed_of_each_model(tmp_path):
     config = dataclasses.asdict(reproduce.experiment_config("em", "unet", "fast", 2, []))
 
-    def record(fold: int, hardware: str | None) -> dict:
-        made = {"trained": {"hardware": hardware}} if hardware else {}
+    def record(fold: int, hardware: str | None, steps: int = 120, day: str = "2026-12-02") -> dict:
+        made = {"trained": {"hardware": hardware, "date": f"{day} 16:08 UTC"}} if hardware else {}
         return {"key": {"fold": fold, "config": config, "train": [], "test": []}, "train_seconds": 60.0,
-                "parameters": 10, "steps_run": 2, **made}  # fmt: skip
+                "parameters": 10, "steps_run": steps, **made}  # fmt: skip
 
-    results = {"em": {"unet": [record(0, "Intel Xeon"), record(1, "AMD EPYC")], "monai": [record(0, None)]},
+    results = {"em": {"unet": [record(0, "Intel Xeon"), record(1, "AMD EPYC", 180, "2026-12-03")],
+                      "monai": [record(0, None)]},
                "nuclei": {}, "meta": {"skipped": [], "time_limit": None}}  # fmt: skip
     rows = [line for line in "\n".join(page_module._what_ran(results)).splitlines() if line.startswith("| ISBI")]
-    assert rows[0].endswith("| Intel Xeon; AMD EPYC |") and rows[1].endswith("| not recorded |")
+    # steps/s: the mean of 120/60 and 180/60; one entry per machine and per day
+    assert rows[0].endswith("| 2.50 | Intel Xeon; AMD EPYC | 2026-12-02, 2026-12-03 |")
+    assert rows[1].endswith("| 2.00 | not recorded | not recorded |")
+
+
+def test_hardware_names_the_cpus_vector_instructions(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert common.cpu_vectors() == "AVX512, native bfloat16"
+    assert "(AVX512, native bfloat16), " in common.hardware("cpu")["cpu"]
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert common.cpu_vectors() == "AVX2" and "(AVX2), " in common.hardware("cpu")["cpu"]
 
 
 # --------------------------------------------------------------------------------------------

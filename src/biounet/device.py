@@ -36,6 +36,12 @@ def check_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively: AVX512-BF16 or AMX tiles, as torch sees them."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def resolve_precision(device: str | torch.device) -> Literal["float32", "bfloat16"]:
     """``"bfloat16"`` where ``device`` computes it natively, else ``"float32"`` (with a log line).
 
@@ -48,8 +54,7 @@ def resolve_precision(device: str | torch.device) -> Literal["float32", "bfloat1
     if device.type == "cuda":
         native = torch.cuda.get_device_capability(device)[0] >= 8
     elif device.type == "cpu":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+        native = cpu_has_native_bfloat16()
     else:
         native = False
     if not native:
