@@ -89,6 +89,17 @@ def _records(value: dict | list) -> list[dict]:
     return value if isinstance(value, list) else [value]
 
 
+def _made(record: dict) -> tuple[str, str]:
+    """The machine a model was trained on and the day (UTC), or "not recorded"."""
+    trained = record.get("trained", {})
+    return trained.get("hardware", "not recorded"), trained["date"][:10] if "date" in trained else "not recorded"
+
+
+def _made_on(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """The distinct (machine, day) pairs of the page's models, in the order they appear."""
+    return list(dict.fromkeys(_made(r) for d in DATASETS for v in results.get(d, {}).values() for r in _records(v)))
+
+
 # --------------------------------------------------------------------------------------------
 # Results page
 # --------------------------------------------------------------------------------------------
@@ -102,8 +113,13 @@ def _header(results: dict[str, Any]) -> list[str]:
                   "The numbers only show that the machinery runs end to end; they say nothing about U-Net.",
                   ""]  # fmt: skip
     elif meta["device"] == "cpu" and meta.get("minutes"):
+        made = _made_on(results)
+        where = (f"on the same {made[0][0]}" if len(made) == 1 else
+                 f"on {len({m for m, _ in made})} machine(s) over {len({d for _, d in made})} day(s) (*What ran* "
+                 "names each model's; a cloud machine's speed can change between days, so compare steps/s: rows "
+                 "of different speeds are not an equal-wall-clock comparison)")  # fmt: skip
         lines += [f"> **CPU run at equal wall-clock.** Every model, biounet's and the peers', trained for "
-                  f"{meta['minutes']:g} minutes on the same {hw['cpu']} (the steps that fit were timed on each "
+                  f"{meta['minutes']:g} minutes {where} (the steps that fit were timed on each "
                   "model's first steps, then fixed; see *What ran*); the paper trained for 10 hours on a GPU. "
                   "Differences between rows of this size may be noise.", ""]  # fmt: skip
     elif meta["device"] == "cpu":
@@ -145,9 +161,8 @@ def _what_ran(results: dict[str, Any]) -> list[str]:
             where = (f"folds {', '.join(str(r['key']['fold']) for r in records)}" if dataset == "em"
                      else f"{len(key['train'])} train / {len(key['test'])} validation images")  # fmt: skip
             steps = [r.get("steps_run", r["key"]["config"]["steps"]) for r in records]
-            machines = dict.fromkeys(r.get("trained", {}).get("hardware", "not recorded") for r in records)
-            days = dict.fromkeys(r["trained"]["date"][:10] if "date" in r.get("trained", {}) else "not recorded"
-                                 for r in records)  # fmt: skip
+            machines = dict.fromkeys(_made(r)[0] for r in records)
+            days = dict.fromkeys(_made(r)[1] for r in records)
             rates = [n / s for n, s in zip(steps, seconds, strict=True)]
             rows.append([TITLES[dataset], LABELS[variant], where, budget(key["config"]),
                          f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}",

@@ -178,6 +178,22 @@ def test_what_ran_names_the_machine_day_and_speed_of_each_model(tmp_path):
     assert rows[1].endswith("| 2.00 | not recorded | not recorded |")
 
 
+def test_equal_minutes_banner_says_the_same_machine_only_when_it_was():
+    def record(hardware: str, date: str) -> dict:
+        return {"trained": {"hardware": hardware, "date": date}}
+
+    meta = {"quick": False, "device": "cpu", "minutes": 10, "command": "x", "date": "d", "train_seconds": 60.0,
+            "score_seconds": 6.0, "trained_now": 0, "wall_seconds": 1.0, "reused": 2, "configs": {},
+            "hardware": {"cpu": "Now CPU", "load": "0", "device": "cpu", "python": "3", "torch": "2"}}  # fmt: skip
+    same = {"em": {"unet": [record("A (AVX2)", "2026-12-03 10:00 UTC")], "monai": [record("A (AVX2)",
+            "2026-12-03 11:00 UTC")]}, "nuclei": {}, "meta": meta}  # fmt: skip
+    mixed = {"em": {"unet": [record("A (AVX2)", "2026-12-03 10:00 UTC")], "monai": [record("A", "2026-12-02 11:00 UTC")]},
+             "nuclei": {}, "meta": meta}  # fmt: skip
+    banner = [next(line for line in page_module._header(r) if line.startswith("> **CPU run")) for r in (same, mixed)]
+    assert "trained for 10 minutes on the same A (AVX2) (" in banner[0]
+    assert "on 2 machine(s) over 2 day(s)" in banner[1] and "the same" not in banner[1] and "Now CPU" not in banner[1]
+
+
 def test_hardware_names_the_cpus_vector_instructions(monkeypatch):
     import torch
 
