@@ -180,7 +180,7 @@ def test_cli_precision_defaults_to_auto_resolved_by_the_device(tmp_path, model_d
     image = np.random.default_rng(4).random((30, 40)).astype(np.float32)
     tifffile.imwrite(tmp_path / "a.tif", image)
     asked = []
-    monkeypatch.setattr(_device, "resolve_precision", lambda device: asked.append(str(device)) or "float32")
+    monkeypatch.setattr(_device, "resolve_precision", lambda device, level: asked.append(str(device)) or "float32")
     assert main(["predict", str(model_dir), str(tmp_path / "a.tif"), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     assert asked == ["cpu"]  # auto was resolved once, for the device, and the answer was used
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "a_probabilities.tif"),

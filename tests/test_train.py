@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import re
 import signal
@@ -355,6 +356,10 @@ def test_auto_precision_is_bfloat16_only_where_native(monkeypatch, caplog):
     with caplog.at_level("INFO", logger="biounet.device"):
         assert training.resolve_precision("cpu") == "float32"
     assert "no native bfloat16, computing in float32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="biounet.device"):  # prediction's fallback is a DEBUG line
+        assert training.resolve_precision("cpu", level=logging.DEBUG) == "float32"
+    assert caplog.text == ""
     assert training.resolve_precision("meta") == "float32"
 
 

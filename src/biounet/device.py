@@ -42,8 +42,11 @@ def cpu_has_native_bfloat16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def resolve_precision(device: str | torch.device) -> Literal["float32", "bfloat16"]:
-    """``"bfloat16"`` where ``device`` computes it natively, else ``"float32"`` (with a log line).
+def resolve_precision(device: str | torch.device, *, level: int = logging.INFO) -> Literal["float32", "bfloat16"]:
+    """``"bfloat16"`` where ``device`` computes it natively, else ``"float32"`` (with a log line at ``level``).
+
+    Training logs the fallback at INFO (it halves a CPU's steps per minute); prediction at DEBUG,
+    because float32 is the ordinary case on most CPUs and would otherwise precede every output.
 
     Native: a CPU with AVX512-BF16 or AMX tiles (oneDNN's bfloat16 convolutions run about
     twice float32 there; measured in ``benchmarks/train.py`` and
@@ -58,5 +61,5 @@ def resolve_precision(device: str | torch.device) -> Literal["float32", "bfloat1
     else:
         native = False
     if not native:
-        log.info("precision auto: %s has no native bfloat16, computing in float32", device)
+        log.log(level, "precision auto: %s has no native bfloat16, computing in float32", device)
     return "bfloat16" if native else "float32"

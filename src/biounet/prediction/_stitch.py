@@ -167,7 +167,7 @@ def predict_steps(
     options = PredictOptions.of(options, overrides)
     config = model.config
     device = check_device(options.device) if options.device is not None else next(model.parameters()).device
-    precision = resolve_precision(device) if options.precision == "auto" else options.precision
+    precision = resolve_precision(device, level=logging.DEBUG) if options.precision == "auto" else options.precision
     shape = np.shape(image)
     if channel_axis is not None and -len(shape) <= channel_axis < len(shape):
         if converts_to_luminance(model, shape[channel_axis]):  # as the model was trained
