@@ -171,7 +171,8 @@ def test_stack_is_segmented_slice_by_slice(tiny_model):
     prob = predict(tiny_model, stack, tile=40, progress=False)
     assert prob.shape == (3, 2, 25, 31)
     for z in range(3):
-        np.testing.assert_allclose(prob[z], predict(tiny_model, stack[z], progress=False), atol=1e-6)
+        # other tiles, so other float32 summation orders: 1.07e-6 apart on an AVX2 CPU; a wrong slice is ~0.1 off
+        np.testing.assert_allclose(prob[z], predict(tiny_model, stack[z], progress=False), atol=1e-5)
 
 
 def test_multichannel_axis_is_stated_not_guessed():
