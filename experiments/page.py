@@ -114,10 +114,10 @@ def _header(results: dict[str, Any]) -> list[str]:
                   ""]  # fmt: skip
     elif meta["device"] == "cpu" and meta.get("minutes"):
         made = _made_on(results)
-        where = (f"on the same {made[0][0]}" if len(made) == 1 else
+        where = (f"on the same {made[0][0]}" if len(made) == 1 and made[0][0] != "not recorded" else
                  f"on {len({m for m, _ in made})} machine(s) over {len({d for _, d in made})} day(s) (*What ran* "
-                 "names each model's; a cloud machine's speed can change between days, so compare steps/s: rows "
-                 "of different speeds are not an equal-wall-clock comparison)")  # fmt: skip
+                 "names each model's, where its record does; a cloud machine's speed can change between days, so "
+                 "compare steps/s: rows of different speeds are not an equal-wall-clock comparison)")  # fmt: skip
         lines += [f"> **CPU run at equal wall-clock.** Every model, biounet's and the peers', trained for "
                   f"{meta['minutes']:g} minutes {where} (the steps that fit were timed on each "
                   "model's first steps, then fixed; see *What ran*); the paper trained for 10 hours on a GPU. "
@@ -161,8 +161,8 @@ def _what_ran(results: dict[str, Any]) -> list[str]:
             where = (f"folds {', '.join(str(r['key']['fold']) for r in records)}" if dataset == "em"
                      else f"{len(key['train'])} train / {len(key['test'])} validation images")  # fmt: skip
             steps = [r.get("steps_run", r["key"]["config"]["steps"]) for r in records]
-            machines = dict.fromkeys(_made(r)[0] for r in records)
-            days = dict.fromkeys(_made(r)[1] for r in records)
+            made = [_made(r) for r in records]
+            machines, days = dict.fromkeys(m for m, _ in made), dict.fromkeys(d for _, d in made)
             rates = [n / s for n, s in zip(steps, seconds, strict=True)]
             rows.append([TITLES[dataset], LABELS[variant], where, budget(key["config"]),
                          f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}",

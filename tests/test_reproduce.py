@@ -189,9 +189,12 @@ def test_equal_minutes_banner_says_the_same_machine_only_when_it_was():
             "2026-12-03 11:00 UTC")]}, "nuclei": {}, "meta": meta}  # fmt: skip
     mixed = {"em": {"unet": [record("A (AVX2)", "2026-12-03 10:00 UTC")], "monai": [record("A", "2026-12-02 11:00 UTC")]},
              "nuclei": {}, "meta": meta}  # fmt: skip
-    banner = [next(line for line in page_module._header(r) if line.startswith("> **CPU run")) for r in (same, mixed)]
+    unknown = {"em": {"unet": [{}], "monai": [{}]}, "nuclei": {}, "meta": meta}  # records made before "trained"
+    banner = [next(line for line in page_module._header(r) if line.startswith("> **CPU run"))
+              for r in (same, mixed, unknown)]  # fmt: skip
     assert "trained for 10 minutes on the same A (AVX2) (" in banner[0]
     assert "on 2 machine(s) over 2 day(s)" in banner[1] and "the same" not in banner[1] and "Now CPU" not in banner[1]
+    assert "on 1 machine(s) over 1 day(s)" in banner[2] and "the same" not in banner[2]
 
 
 def test_hardware_names_the_cpus_vector_instructions(monkeypatch):
