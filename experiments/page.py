@@ -43,6 +43,10 @@ def config_summary(config: dict[str, Any]) -> str:
     )
 
 
+#: How the recipe's ``class_balance`` reads in the recipe line.
+_BALANCE_WORDS = {"dataset": "over all training images", "none": "not at all (w_c = 1)"}
+
+
 def _extras(config: dict[str, Any]) -> str:
     """The fields added after the first records, named where they are not at their defaults."""
     extras = []
@@ -57,6 +61,8 @@ def _extras(config: dict[str, Any]) -> str:
         extras.append(f"best by {config.get('best_by', 'ap')} with margin {config['best_margin']:g}")
     if config.get("pick", "images") != "images":
         extras.append(f"training tiles from images in proportion to their {config['pick']}")
+    if config.get("class_balance", "image") != "image":
+        extras.append(f"class weights balanced {_BALANCE_WORDS[config['class_balance']]}")
     if config.get("tune_postprocess"):
         extras.append("threshold and seed height tuned on the validation images")
     return "".join(f", {e}" for e in extras)

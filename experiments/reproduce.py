@@ -160,7 +160,7 @@ def seam_error(model: UNet, image: np.ndarray, config: TrainConfig, device: str)
 #: TrainConfig fields added after records were made: left out of a record's key at their
 #: default, so the records of runs that could not have set them stay valid.
 KEY_OMITS_AT_DEFAULT = {"target": "binary", "background": "as-is", "precise_bn": 0, "best_margin": 0.0,
-                        "pick": "images", "tune_postprocess": False}
+                        "pick": "images", "tune_postprocess": False, "class_balance": "image"}
 
 
 def _key(job: Job, crop: int | None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from biounet.training import (
     TrainConfig,
     auto_tile,
     largest_tile_within,
+    loss_weights,
     soft_dice_loss,
     train,
     train_steps,
@@ -53,6 +54,33 @@ def test_weighted_cross_entropy_equals_numpy():
     expected = -(weight * picked).sum() / (weight > 0).sum()
     got = weighted_cross_entropy(torch.tensor(logits), torch.tensor(target), torch.tensor(weight))
     assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("balance", ["image", "dataset", "none"])
+def test_loss_weights_take_the_class_frequencies_the_recipe_names(balance):
+    # two images: 8 of 16 pixels cells (half), 2 of 16 (an eighth); together 10 of 32
+    half, sparse = np.zeros((4, 4), np.int32), np.zeros((4, 4), np.int32)
+    half[:2], sparse[0, :2] = 1, 1
+    samples = [make_sample(np.zeros((4, 4), np.float32), lab, name=str(i)) for i, lab in enumerate((half, sparse))]
+    weights = loss_weights(TrainConfig(w0=0.0, class_balance=balance), samples)
+    # w_c = 1 / (2 f_c) for two classes, f_c from the image, from all 32 pixels, or w_c = 1
+    cell, background = {"image": (16 / 4, 16 / 28), "dataset": (32 / 20, 32 / 44), "none": (1.0, 1.0)}[balance]
+    np.testing.assert_allclose(weights(sparse), np.where(sparse > 0, cell, background), rtol=1e-6)
+    if balance != "image":  # one rule for every image: the half-cell image weighs its classes alike
+        np.testing.assert_allclose(weights(half), np.where(half > 0, cell, background), rtol=1e-6)
+    pair = np.zeros((4, 4), np.int32)
+    pair[0, 0], pair[0, 2] = 1, 2  # the background pixel between them is 1 px from each
+    border = loss_weights(TrainConfig(w0=10.0, sigma=5.0, class_balance=balance), samples)(pair) - weights(pair)
+    assert border[0, 1] == pytest.approx(10 * np.exp(-(1 + 1) ** 2 / (2 * 5**2)), rel=1e-6)  # eq. 2's border term
+
+
+def test_loss_weights_refuse_an_unknown_balance():
+    config = TrainConfig()
+    object.__setattr__(config, "class_balance", "per-image")  # past the config's own check
+    with pytest.raises(InputError, match="class_balance must be 'image', 'dataset' or 'none', got 'per-image'"):
+        loss_weights(config, [])
+    with pytest.raises(InputError, match="TrainConfig.class_balance must be 'image', 'dataset' or 'none'"):
+        TrainConfig(class_balance="per-image")
 
 
 def test_loss_shape_errors_and_dice_range():
@@ -700,7 +728,7 @@ def test_config_sections_hold_every_field_exactly_once():
     assert tuple(TrainConfig.SECTIONS) == TABLES
     listed = [name for names in TrainConfig.SECTIONS.values() for name in names]
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    assert len(listed) == len(set(listed)) == len(fields) == 39
+    assert len(listed) == len(set(listed)) == len(fields) == 40
     assert set(listed) == set(fields)
     assert TrainConfig.SECTIONS["optimization"] == ("optimizer", "lr", "momentum", "weight_decay", "schedule",
                                                      "warmup", "steps", "minutes")  # fmt: skip
@@ -712,7 +740,7 @@ def test_config_sections_hold_every_field_exactly_once():
     {"norm": None, "normalization": None, "minutes": 2.5, "tile": "auto"},
     {"lr": 1e-05, "weight_decay": 0.1 + 0.2, "dropout": 0.0, "w0": 0, "augment": False, "channels_last": False},
     {"target": "border", "split": "border", "min_size": 12, "best_by": "v_rand", "color": "luminance",
-     "background": "dark", "best_margin": 0.05, "pick": "objects", "tune_postprocess": True},
+     "background": "dark", "best_margin": 0.05, "pick": "objects", "tune_postprocess": True, "class_balance": "dataset"},
     {"tile": 204, "depth": 3, "padding": "same", "norm": "group", "seed": 2**63 - 1, "precision": "bfloat16"},
 ])  # fmt: skip
 def test_to_toml_round_trips_and_writes_the_tables(tmp_path, preset, overrides):
@@ -733,7 +761,7 @@ _FIELDS = {
     "batch_size": _POSITIVE_INT, "color": st.sampled_from(["keep", "luminance"]),
     "background": st.sampled_from(["as-is", "dark", "inverted"]), "precise_bn": st.integers(0, 1000),
     "best_margin": st.floats(0, 1), "pick": st.sampled_from(["images", "pixels", "objects"]),
-    "tune_postprocess": st.booleans(),
+    "tune_postprocess": st.booleans(), "class_balance": st.sampled_from(["image", "dataset", "none"]),
     "normalization": st.one_of(st.none(), st.tuples(st.floats(0, 49.9), st.floats(50, 100))),
     "augment": st.booleans(), "elastic_std": _FINITE, "elastic_grid": st.integers(2, 9), "w0": _FINITE,
     "sigma": _FINITE, "dice": _FINITE, "optimizer": st.sampled_from(["sgd", "adam", "adamw"]),

@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "read_run_config": "_checkpoint",
     "run_config": "_checkpoint",
     "BestBy": "_config",
+    "ClassBalance": "_config",
     "Color": "_config",
     "Optimizer": "_config",
     "Precision": "_config",
@@ -35,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "Status": "_loop",
     "train": "_loop",
     "train_steps": "_loop",
+    "loss_weights": "_losses",
     "soft_dice_loss": "_losses",
     "weighted_cross_entropy": "_losses",
     "lr_factor": "_optim",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from biounet.training._config import (  # noqa: F401
         BestBy,
+        ClassBalance,
         Color,
         Optimizer,
         Precision,
@@ -77,7 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from biounet.training._distributed import rank_device  # noqa: F401
     from biounet.training._logs import CsvLog, EventWriter, plot_curves  # noqa: F401
     from biounet.training._loop import Status, train, train_steps  # noqa: F401
-    from biounet.training._losses import soft_dice_loss, weighted_cross_entropy  # noqa: F401
+    from biounet.training._losses import loss_weights, soft_dice_loss, weighted_cross_entropy  # noqa: F401
     from biounet.training._optim import lr_factor, make_optimizer  # noqa: F401
     from biounet.training._tune import (  # noqa: F401
         SEED_OPTIONS,

@@ -28,6 +28,9 @@ Precision = Literal["auto", "float32", "bfloat16"]
 BestBy = Literal["v_rand", "ap", "iou"]
 #: How colour images became the training input (:func:`biounet.io.to_luminance`).
 Color = Literal["keep", "luminance"]
+#: Where the class weights :math:`w_c` of the loss (eq. 2) take the class frequencies from
+#: (:func:`biounet.training.loss_weights`).
+ClassBalance = Literal["image", "dataset", "none"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,11 @@ class TrainConfig:
     its labelled objects (:class:`biounet.data.TileDataset`). ``tune_postprocess = true``
     tunes the post-processing's threshold and seed setting of the ``best`` and ``last``
     models on the validation images at the end (:func:`biounet.training.tune_postprocess`);
-    the models store the values chosen.
+    the models store the values chosen. ``class_balance`` is where the class weights
+    :math:`w_c` of eq. 2 take the class frequencies from: each image's own (``"image"``, as
+    the paper's per-image weight maps), the pooled pixels of all training images
+    (``"dataset"``), or no balancing, :math:`w_c = 1` (``"none"``); see
+    :func:`biounet.training.loss_weights`.
 
     The fields are flat (``config.lr``) and also grouped into TOML tables, :attr:`SECTIONS`
     (``[optimization] lr``): :meth:`from_toml` reads either form, :meth:`to_toml` writes the
@@ -89,7 +96,7 @@ class TrainConfig:
         "network": ("depth", "base_channels", "padding", "norm", "dropout"),
         "data": ("tile", "batch_size", "normalization", "color", "background", "target", "pick"),
         "augmentation": ("augment", "elastic_std", "elastic_grid"),
-        "loss": ("w0", "sigma", "dice"),
+        "loss": ("w0", "sigma", "class_balance", "dice"),
         "optimization": ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "steps", "minutes"),
         "postprocess": ("split", "min_size", "tune_postprocess"),
         "run": ("val_every", "precise_bn", "checkpoint_every", "best_by", "best_margin", "seed", "deterministic",
@@ -108,6 +115,7 @@ class TrainConfig:
     normalization: tuple[float, float] | None = (1.0, 99.8)
     w0: float = 10.0
     sigma: float = 5.0
+    class_balance: ClassBalance = "image"
     augment: bool = True
     elastic_std: float = 10.0
     elastic_grid: int = 3
@@ -263,7 +271,7 @@ class TrainConfig:
 #: Fields that must be positive integers (``tile`` may also be ``"auto"``).
 _POSITIVE = ("depth", "base_channels", "batch_size", "steps", "val_every", "checkpoint_every", "tile")
 #: Fields with a fixed set of string values (the values: their ``Literal`` annotations).
-_CHOICES = ("optimizer", "schedule", "split", "precision", "best_by", "color", "background", "pick")
+_CHOICES = ("optimizer", "schedule", "split", "precision", "best_by", "color", "background", "pick", "class_balance")
 #: Fields that must be finite numbers >= 0.
 _AT_LEAST_ZERO = ("w0", "sigma", "elastic_std", "dice", "weight_decay", "warmup", "best_margin")
 #: The deepest network (:class:`UNetConfig`: up to 8 poolings).

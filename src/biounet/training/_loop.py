@@ -37,7 +37,7 @@ from biounet.training._distributed import (
     is_rank0,
     rank_device,
 )
-from biounet.training._losses import soft_dice_loss, weighted_cross_entropy
+from biounet.training._losses import loss_weights, soft_dice_loss, weighted_cross_entropy
 from biounet.training._optim import lr_factor, make_optimizer
 from biounet.training._validation import VALIDATION_SCORES, evaluate_samples
 
@@ -196,7 +196,6 @@ def _start_run(
     """Check the data, build the network, optimiser, tiles and augmentation, and resume if asked."""
     from biounet.data._augment import AugmentConfig
     from biounet.data._tiles import TileDataset
-    from biounet.data._weights import weight_map
     from biounet.device import resolve_precision
     from biounet.training._logs import CsvLog, EventWriter
 
@@ -251,7 +250,7 @@ def _start_run(
         samples, tile_in, tile_out, targets="input", kind=config.target, length=(config.steps if config.minutes is None else 10**9) * config.batch_size,
         seed=config.seed * 1000 + rank,
         pick=config.pick, normalization=config.normalization, background=config.background,
-        weight_fn=lambda labels: weight_map(labels, w0=config.w0, sigma=config.sigma),
+        weight_fn=loss_weights(config, samples),
     )  # fmt: skip
     bn_tiles = None
     if config.precise_bn and batch_norm_layers(model):  # images only: no weight maps
