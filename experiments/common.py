@@ -25,7 +25,7 @@ EM_DIR, NUCLEI_DIR = "isbi2012-em", "dsb2018-nuclei"
 DATASETS = ("em", "nuclei")
 #: Variants in the order they run (most important first, for ``--time-limit``).
 VARIANTS = ("unet", "monai", "cellpose", "seed-1", "seed-2", "as-is-background", "previous-recipe", "float32",
-            "pick-objects", "balance-dataset", "balance-none", "border-class", "wide", "precise-bn", "no-elastic",
+            "pick-objects", "balance-image", "balance-none", "border-class", "wide", "precise-bn", "no-elastic",
             "no-border", "same-padding")
 #: Ablations and the one thing each changes (``configs/ablation-<name>.toml``).
 ABLATIONS = {
@@ -38,8 +38,8 @@ ABLATIONS = {
                         'nuclei on a dark one (fluorescence), none inverted (`background = "as-is"`)',
     "pick-objects": 'the image of each training tile drawn in proportion to its labelled objects, not every image '
                     'equally often (`pick = "objects"`)',
-    "balance-dataset": "the class weights of the loss from the class frequencies of all training images together, "
-                       'not of each image (`class_balance = "dataset"`)',
+    "balance-image": "the class weights of the loss from the class frequencies of each image, not of all training "
+                     'images together (`class_balance = "image"`, the paper\'s and the default)',
     "balance-none": 'no class weights in the loss, only the border term (`class_balance = "none"`)',
     "precise-bn": "batch-norm statistics recomputed over 50 training batches before each validation and at the end "
                   "(`precise_bn = 50`; its time counts in the budget)",
@@ -55,7 +55,7 @@ SEED_VARIANTS = {"unet": ("seed-1", "seed-2")}
 PEERS = ("monai", "cellpose")
 #: Variants for instance segmentation only: they run on the nuclei whenever selected (an
 #: ablation among them whatever ``--ablation-datasets`` says), never on the EM membranes.
-NUCLEI_ONLY = ("cellpose", "border-class", "wide", "as-is-background", "pick-objects", "balance-dataset",
+NUCLEI_ONLY = ("cellpose", "border-class", "wide", "as-is-background", "pick-objects", "balance-image",
                "balance-none")
 LABELS = {"unet": "biounet U-Net", "monai": "MONAI BasicUNet (peer)", "cellpose": "Cellpose 3.1 (peer)", **{k: f"U-Net, {k}" for k in ABLATIONS}}
 N_FOLDS = 5

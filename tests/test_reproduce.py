@@ -279,7 +279,7 @@ def test_each_ablation_changes_exactly_one_field(dataset, variant):
                        "float32": {"precision", "channels_last"},
                        "previous-recipe": {"depth", "tile", "batch_size"}, "border-class": {"target", "split"},
                        "wide": {"base_channels"}, "precise-bn": {"precise_bn"}, "seed-1": {"seed"}, "seed-2": {"seed"},
-                       "pick-objects": {"pick"}, "balance-dataset": {"class_balance"},
+                       "pick-objects": {"pick"}, "balance-image": {"class_balance"},
                        "balance-none": {"class_balance"},
                        # the EM recipe takes images as they are already (the ablation runs on the nuclei only)
                        "as-is-background": {"background"} if dataset == "nuclei" else set()}[variant]
