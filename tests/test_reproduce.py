@@ -279,10 +279,10 @@ def test_each_ablation_changes_exactly_one_field(dataset, variant):
                        "float32": {"precision", "channels_last"},
                        "previous-recipe": {"depth", "tile", "batch_size"}, "border-class": {"target", "split"},
                        "wide": {"base_channels"}, "precise-bn": {"precise_bn"}, "seed-1": {"seed"}, "seed-2": {"seed"},
-                       "pick-objects": {"pick"}, "balance-image": {"class_balance"},
-                       "balance-none": {"class_balance"},
-                       # the EM recipe takes images as they are already (the ablation runs on the nuclei only)
-                       "as-is-background": {"background"} if dataset == "nuclei" else set()}[variant]
+                       "pick-objects": {"pick"}, "balance-none": {"class_balance"},
+                       # the EM recipe takes images as they are and balances per image already (both run on the nuclei only)
+                       "as-is-background": {"background"} if dataset == "nuclei" else set(),
+                       "balance-image": {"class_balance"} if dataset == "nuclei" else set()}[variant]
     assert base["steps"] == 50 and base["base_channels"] == 16
 
 
@@ -290,6 +290,7 @@ def test_recipe_line_names_the_fields_away_from_their_defaults():
     nuclei = page_module.config_summary(dataclasses.asdict(reproduce.experiment_config("nuclei", "unet", "fast", 5, [])))
     em = page_module.config_summary(dataclasses.asdict(reproduce.experiment_config("em", "unet", "fast", 5, [])))
     assert nuclei.endswith('background "dark" (bright-background images inverted), best by ap with margin 0.05, '
+                           "class weights balanced over all training images, "
                            "threshold and seed height tuned on the validation images")  # fmt: skip
     assert em.endswith("objects under 0 px removed, best by v_rand with margin 0.01")
     border = dataclasses.asdict(reproduce.experiment_config("nuclei", "border-class", "fast", 5, []))
