@@ -40,6 +40,17 @@ def loss_weights(config: TrainConfig, samples: Sequence[Sample]) -> Callable[[np
         The recipe: ``w0``, ``sigma`` and ``class_balance``.
     samples : sequence of Sample
         The training samples (their ``separated`` labels give the ``"dataset"`` frequencies).
+
+    Returns
+    -------
+    callable
+        ``weights(labels) -> float32 array`` of the labels' shape, the weight map of one label
+        image, as :class:`biounet.data.TileDataset` takes it (``weight_fn``).
+
+    References
+    ----------
+    Ronneberger, Fischer & Brox (2015), U-Net: Convolutional Networks for Biomedical Image
+    Segmentation, eq. 2.
     """
     from biounet.data._weights import class_frequencies, weight_map
 
